@@ -1,0 +1,119 @@
+"""Configuration of the OmniSearchSage entity tower (pins and products)."""
+
+from __future__ import annotations
+
+import random
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+DEFAULT_TEXT_FIELDS = ("title", "description", "caption", "board_titles", "engaged_queries", "brand", "color")
+DEFAULT_DENSE_FEATURES = {"pinsage_embedding": 256, "visual_embedding": 256, "itemsage_embedding": 256}
+# Keys an entity dict may carry besides its features; they are ignored by the model.
+RESERVED_KEYS = ("id",)
+
+
+def _primes_below(limit: int, count: int) -> list[int]:
+    primes, candidate = [], limit - 1
+    while len(primes) < count:
+        if candidate > 1 and all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+            primes.append(candidate)
+        candidate -= 1
+    return primes
+
+
+@strict
+class OmniSearchSageEntityConfig(PreTrainedConfig):
+    r"""Configuration of [`OmniSearchSageEntityModel`], the tower that embeds pins and products.
+
+    The tower sums a hash embedding of each text field's n-grams (one bag per field, each LayerNorm-ed),
+    concatenates named pre-existing embeddings (PinSage-like, visual, ItemSage-like; zeros when an entity
+    lacks one), and maps the result through an MLP to a unit vector in the query tower's space.
+
+    Args:
+        vocab_size: Number of n-gram ids the tokenizer emits (trigrams + unigrams + bigrams + OOV
+            buckets); sizes the per-token importance weights. Must be >= the tokenizer's ``vocab_size``.
+        text_fields: Names of the text fields, each embedded as its own bag. A field may hold a string or
+            a list of strings (board titles, engaged queries).
+        dense_features: Name → dimension of each pre-existing embedding the tower reads.
+        num_buckets: Rows B of the shared hash embedding table (paper: 100,000).
+        embedding_dim: Width d of the hash embedding table.
+        num_hashes: Hash functions k per token (paper: 2).
+        hash_a, hash_b, hash_p: Universal hash parameters, ``h_i(t) = ((a_i * t + b_i) mod p_i) mod B``.
+            Stored so every process and every reload hashes identically; drawn from ``hash_seed`` when
+            left as None, with primes ``p_i`` just below 2**31 (> any vocabulary).
+        hash_seed: Seed that draws ``hash_a``/``hash_b`` when they are not given.
+        hidden_dims: Widths of the MLP's hidden layers (paper: 1024, 1024).
+        out_dim: Output embedding size; must match the query tower's.
+        layer_norm_eps: Epsilon of every LayerNorm.
+        initializer_range: Standard deviation of the normal initialisation of linear and embedding weights.
+
+    Example:
+        ::
+
+            from omnisearchsage_hf import OmniSearchSageEntityConfig, OmniSearchSageEntityModel
+
+            config = OmniSearchSageEntityConfig(vocab_size=1000, num_buckets=512, embedding_dim=32,
+                                                hidden_dims=[64, 64], out_dim=16,
+                                                dense_features={"image_embedding": 8})
+            model = OmniSearchSageEntityModel(config)
+    """
+
+    model_type = "omnisearchsage_entity"
+
+    vocab_size: int = 1_264_000
+    text_fields: list[str] | tuple[str, ...] = DEFAULT_TEXT_FIELDS
+    dense_features: dict[str, int] | None = None
+    num_buckets: int = 100_000
+    embedding_dim: int = 256
+    num_hashes: int = 2
+    hash_a: list[int] | None = None
+    hash_b: list[int] | None = None
+    hash_p: list[int] | None = None
+    hash_seed: int = 0
+    hidden_dims: list[int] | tuple[int, ...] = (1024, 1024)
+    out_dim: int = 256
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.text_fields = list(self.text_fields)
+        self.hidden_dims = list(self.hidden_dims)
+        if self.dense_features is None:
+            self.dense_features = dict(DEFAULT_DENSE_FEATURES)
+        if self.hash_p is None:
+            self.hash_p = _primes_below(2**31, self.num_hashes)
+        rng = random.Random(self.hash_seed)
+        if self.hash_a is None:
+            self.hash_a = [rng.randrange(1, p) for p in self.hash_p]
+        if self.hash_b is None:
+            self.hash_b = [rng.randrange(0, p) for p in self.hash_p]
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: sizes, field names and hash parameters agree."""
+        for name in ("vocab_size", "num_buckets", "embedding_dim", "num_hashes", "out_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)!r}.")
+        if any(width < 1 for width in self.hidden_dims):
+            raise ValueError(f"Every entry of `hidden_dims` must be >= 1, got {self.hidden_dims!r}.")
+        names = list(self.text_fields) + list(self.dense_features)
+        if not names:
+            raise ValueError("The entity tower needs at least one text field or dense feature.")
+        clashes = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(RESERVED_KEYS)))
+        if clashes:
+            raise ValueError(f"Feature names must be unique and not reserved {RESERVED_KEYS}; offending: {clashes}.")
+        if any(not isinstance(d, int) or d < 1 for d in self.dense_features.values()):
+            raise ValueError(f"`dense_features` must map names to positive int dims, got {self.dense_features!r}.")
+        for name in ("hash_a", "hash_b", "hash_p"):
+            if len(getattr(self, name)) != self.num_hashes:
+                raise ValueError(f"`{name}` has {len(getattr(self, name))} entries; `num_hashes` is {self.num_hashes}.")
+        for a, b, p in zip(self.hash_a, self.hash_b, self.hash_p):
+            if not (p > self.vocab_size and 1 <= a < p and 0 <= b < p):
+                raise ValueError(
+                    f"Hash parameters need p > vocab_size ({self.vocab_size}), 1 <= a < p and 0 <= b < p; "
+                    f"got a={a}, b={b}, p={p}."
+                )
+
+
+__all__ = ["OmniSearchSageEntityConfig"]
