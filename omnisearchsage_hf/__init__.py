@@ -17,8 +17,10 @@ from .modeling import (
 )
 from .tokenization import BagEncoding, OmniSearchSageTokenizer, build_vocab
 
-for _config, _model in ((OmniSearchSageQueryConfig, OmniSearchSageQueryModel),
-                        (OmniSearchSageEntityConfig, OmniSearchSageEntityModel)):
+for _config, _model in (
+    (OmniSearchSageQueryConfig, OmniSearchSageQueryModel),
+    (OmniSearchSageEntityConfig, OmniSearchSageEntityModel),
+):
     AutoConfig.register(_config.model_type, _config)
     AutoModel.register(_config, _model)
     # Saved folders then carry an `auto_map` and the code files, so they also load without this package.

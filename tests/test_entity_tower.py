@@ -23,11 +23,18 @@ CORPUS = ["Antique copper bathroom sink", "Copper kettle", "red summer dress", "
 def make_entity_tower(dense=None, seed=0, **config) -> OmniSearchSageEntityModel:
     torch.manual_seed(seed)
     tokenizer = build_vocab(CORPUS, oov_buckets=3, show_progress_bar=False)
-    config = OmniSearchSageEntityConfig(**{
-        "vocab_size": tokenizer.vocab_size, "text_fields": FIELDS,
-        "dense_features": {"image_embedding": 4} if dense is None else dense,
-        "num_buckets": 97, "embedding_dim": 16, "hidden_dims": [32, 32], "out_dim": 8, **config,
-    })
+    config = OmniSearchSageEntityConfig(
+        **{
+            "vocab_size": tokenizer.vocab_size,
+            "text_fields": FIELDS,
+            "dense_features": {"image_embedding": 4} if dense is None else dense,
+            "num_buckets": 97,
+            "embedding_dim": 16,
+            "hidden_dims": [32, 32],
+            "out_dim": 8,
+            **config,
+        }
+    )
     model = OmniSearchSageEntityModel(config)
     model.tokenizer = tokenizer
     return model
@@ -97,8 +104,9 @@ class TestFeatures:
 
     def test_missing_field_equals_none_and_blank(self, tower):
         base = {"title": "copper sink"}
-        out = tower.encode([base, {**base, "description": None}, {**base, "description": "   "},
-                            {**base, "board_titles": []}])
+        out = tower.encode(
+            [base, {**base, "description": None}, {**base, "description": "   "}, {**base, "board_titles": []}]
+        )
         assert np.allclose(out, out[0], atol=1e-6)
 
     def test_missing_field_is_not_an_empty_contribution_of_bias(self, tower):
@@ -114,16 +122,21 @@ class TestFeatures:
 
     def test_per_image_list_is_masked_mean(self, tower):
         images = [[1.0, 1.0, 0.0, 0.0], [3.0, 1.0, 0.0, 2.0]]
-        out = tower.encode([{"title": "a", "image_embedding": images},
-                            {"title": "a", "image_embedding": np.mean(images, axis=0)},
-                            {"title": "a", "image_embedding": [[5.0, 0.0, 0.0, 1.0]]}])
+        out = tower.encode(
+            [
+                {"title": "a", "image_embedding": images},
+                {"title": "a", "image_embedding": np.mean(images, axis=0)},
+                {"title": "a", "image_embedding": [[5.0, 0.0, 0.0, 1.0]]},
+            ]
+        )
         assert np.allclose(out[0], out[1], atol=1e-6)
         assert not np.allclose(out[0], out[2])
 
     def test_forward_masked_mean_ignores_padding(self, tower):
         inputs = tower.prepare_inputs([{"title": "a"}, {"title": "a"}])
-        values = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [100.0, 100.0, 100.0, 100.0]],
-                               [[1.0, 2.0, 3.0, 4.0], [-7.0, 0.0, 7.0, 1.0]]])
+        values = torch.tensor(
+            [[[1.0, 2.0, 3.0, 4.0], [100.0, 100.0, 100.0, 100.0]], [[1.0, 2.0, 3.0, 4.0], [-7.0, 0.0, 7.0, 1.0]]]
+        )
         mask = torch.tensor([[True, False], [True, False]])
         out = tower(inputs["input_ids"], inputs["offsets"], {"image_embedding": values}, {"image_embedding": mask})
         assert torch.allclose(out.embeddings[0], out.embeddings[1], atol=1e-6)
@@ -135,8 +148,16 @@ class TestFeatures:
         assert dense_only.encode([{"image_embedding": [1.0, 2.0, 3.0, 4.0]}]).shape == (1, 8)
 
     def test_robust_text(self, tower):
-        texts = ["", "🔥🔥 sale 👗", "ภาษาไทยง่ายนิดเดียว", "مرحبا بالعالم", "北京欢迎你", "Ünïcödé ﬁ", "x" * 10_000,
-                 "copper sink " * 1000]
+        texts = [
+            "",
+            "🔥🔥 sale 👗",
+            "ภาษาไทยง่ายนิดเดียว",
+            "مرحبا بالعالم",
+            "北京欢迎你",
+            "Ünïcödé ﬁ",
+            "x" * 10_000,
+            "copper sink " * 1000,
+        ]
         emb = tower.encode([{"title": t, "board_titles": [t, t]} for t in texts])
         assert np.isfinite(emb).all() and np.allclose(np.linalg.norm(emb[1:], axis=1), 1.0, atol=1e-5)
 
@@ -193,8 +214,9 @@ class TestBadInput:
             tower.encode(ENTITIES, truncate_dim=9)
 
     def test_no_tokenizer(self):
-        model = OmniSearchSageEntityModel(OmniSearchSageEntityConfig(vocab_size=10, num_buckets=7, embedding_dim=4,
-                                                                     hidden_dims=[4], out_dim=4))
+        model = OmniSearchSageEntityModel(
+            OmniSearchSageEntityConfig(vocab_size=10, num_buckets=7, embedding_dim=4, hidden_dims=[4], out_dim=4)
+        )
         with pytest.raises(ValueError, match="no tokenizer"):
             model.encode([{"title": "a"}])
 
@@ -211,8 +233,14 @@ class TestBadInput:
 
     @pytest.mark.parametrize(
         "kwargs",
-        [{"hash_p": [5, 7], "vocab_size": 10}, {"hash_a": [1]}, {"text_fields": ["title", "title"]},
-         {"text_fields": ["id"]}, {"out_dim": 0}, {"dense_features": {"x": 0}}],
+        [
+            {"hash_p": [5, 7], "vocab_size": 10},
+            {"hash_a": [1]},
+            {"text_fields": ["title", "title"]},
+            {"text_fields": ["id"]},
+            {"out_dim": 0},
+            {"dense_features": {"x": 0}},
+        ],
     )
     def test_invalid_config(self, kwargs):
         with pytest.raises(StrictDataclassError):
@@ -225,8 +253,14 @@ class TestPersistence:
         files = {p.name for p in tmp_path.iterdir()}
         assert {"model.safetensors", "config.json", "trigrams.txt", "unigrams.txt", "bigrams.txt"} <= files
         assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in files)
-        assert {"modeling_entity.py", "configuration_entity.py", "modeling_hash_embedding.py", "encoding.py",
-                "tokenization_omnisearchsage.py", "ngrams.py"} <= files
+        assert {
+            "modeling_entity.py",
+            "configuration_entity.py",
+            "modeling_hash_embedding.py",
+            "encoding.py",
+            "tokenization_omnisearchsage.py",
+            "ngrams.py",
+        } <= files
 
         assert isinstance(AutoConfig.from_pretrained(tmp_path), OmniSearchSageEntityConfig)
         assert isinstance(AutoTokenizer.from_pretrained(tmp_path), OmniSearchSageTokenizer)

@@ -95,8 +95,14 @@ def _bag_multisets(bags):
 class TestBatchPath:
     @pytest.mark.parametrize("oov_buckets", [0, 7])
     def test_batch_ids_equal_string_path(self, corpus, oov_buckets):
-        tok = build_vocab(corpus[:200], trigram_size=60, unigram_size=8, bigram_size=20, oov_buckets=oov_buckets,
-                          show_progress_bar=False)
+        tok = build_vocab(
+            corpus[:200],
+            trigram_size=60,
+            unigram_size=8,
+            bigram_size=20,
+            oov_buckets=oov_buckets,
+            show_progress_bar=False,
+        )
         texts = corpus[200:]  # unseen texts: plenty of OOV n-grams
         bags = tok.encode_bags(texts)
         expected = [sorted(tok(text)["input_ids"]) for text in texts]
@@ -188,7 +194,9 @@ class TestSaveLoad:
         paths = tokenizer.save_vocabulary(str(tmp_path))
         assert [p.split("/")[-1] for p in paths] == ["trigrams.txt", "unigrams.txt", "bigrams.txt"]
         tokenizer.save_pretrained(tmp_path)
-        assert (tmp_path / "unigrams.txt").read_text(encoding="utf-8").splitlines() == tokenizer.vocabulary.tokens["unigram"]
+        assert (tmp_path / "unigrams.txt").read_text(encoding="utf-8").splitlines() == tokenizer.vocabulary.tokens[
+            "unigram"
+        ]
         assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pkl"))
         loaded = AutoTokenizer.from_pretrained(tmp_path)
         assert isinstance(loaded, OmniSearchSageTokenizer)

@@ -33,7 +33,9 @@ def check_batch(inputs: Sequence[Any], name: str) -> None:
 def check_truncate_dim(truncate_dim: int | None, out_dim: int) -> None:
     """Raise unless ``truncate_dim`` is None or a prefix length in ``[1, out_dim]``."""
     if truncate_dim is not None and not (isinstance(truncate_dim, int) and 1 <= truncate_dim <= out_dim):
-        raise ValueError(f"`truncate_dim` must be an int in [1, {out_dim}] (the model's out_dim), got {truncate_dim!r}.")
+        raise ValueError(
+            f"`truncate_dim` must be an int in [1, {out_dim}] (the model's out_dim), got {truncate_dim!r}."
+        )
 
 
 def encode_in_batches(

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .attached_tokenizer import AttachedTokenizerMixin
 from .configuration_entity import RESERVED_KEYS, OmniSearchSageEntityConfig
 from .encoding import check_batch, check_truncate_dim, encode_in_batches
 from .modeling_hash_embedding import HashEmbeddingBag
@@ -97,7 +98,7 @@ class OmniSearchSageEntityPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-class OmniSearchSageEntityModel(OmniSearchSageEntityPreTrainedModel):
+class OmniSearchSageEntityModel(AttachedTokenizerMixin, OmniSearchSageEntityPreTrainedModel):
     """The entity tower: text-field bags + pre-existing embeddings → MLP → unit vector.
 
     Inputs (``forward``; ``prepare_inputs`` builds them from entity dicts):
@@ -121,23 +122,6 @@ class OmniSearchSageEntityModel(OmniSearchSageEntityPreTrainedModel):
         self.tokenizer = None
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
-        tokenizer_kwargs = {
-            k: kwargs[k]
-            for k in ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
-            if k in kwargs
-        }
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
-        model._check_tokenizer()
-        return model
-
-    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(save_directory)
-
     def _check_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ValueError(
@@ -159,12 +143,16 @@ class OmniSearchSageEntityModel(OmniSearchSageEntityPreTrainedModel):
     ) -> OmniSearchSageEntityOutput:
         num_fields = len(self.config.text_fields)
         if offsets.ndim != 1 or len(offsets) % max(num_fields, 1):
-            raise ValueError(f"`offsets` must be 1-D with num_fields ({num_fields}) x batch_size entries, "
-                             f"got shape {tuple(offsets.shape)}.")
+            raise ValueError(
+                f"`offsets` must be 1-D with num_fields ({num_fields}) x batch_size entries, "
+                f"got shape {tuple(offsets.shape)}."
+            )
         dense_features, dense_masks = dict(dense_features or {}), dict(dense_masks or {})
         unknown = sorted(set(dense_features) - set(self.config.dense_features))
         if unknown:
-            raise ValueError(f"Unknown dense features {unknown}; this model reads {sorted(self.config.dense_features)}.")
+            raise ValueError(
+                f"Unknown dense features {unknown}; this model reads {sorted(self.config.dense_features)}."
+            )
         batch_size = len(offsets) // num_fields if num_fields else self._dense_batch_size(dense_features)
 
         parts = [self._embed_text(input_ids, offsets, batch_size)]  # [(batch_size, embedding_dim)]
@@ -196,8 +184,10 @@ class OmniSearchSageEntityModel(OmniSearchSageEntityPreTrainedModel):
         if values is None:
             return self.embeddings.weight.new_zeros(batch_size, dim)
         if values.shape[0] != batch_size or values.shape[-1] != dim or values.ndim not in (2, 3):
-            raise ValueError(f"Dense feature {name!r} must have shape ({batch_size}, {dim}) or ({batch_size}, "
-                             f"num_items, {dim}), got {tuple(values.shape)}.")
+            raise ValueError(
+                f"Dense feature {name!r} must have shape ({batch_size}, {dim}) or ({batch_size}, "
+                f"num_items, {dim}), got {tuple(values.shape)}."
+            )
         values = values.to(dtype)
         if mask is None:
             mask = torch.ones(values.shape[:-1], dtype=torch.bool, device=values.device)
@@ -335,7 +325,9 @@ def _text_length(entity: Entity, fields: Sequence[str]) -> int:
 
 
 def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in inputs.items()}
+    return {
+        k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in inputs.items()
+    }
 
 
 def _stack_feature(values: list[Any], name: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

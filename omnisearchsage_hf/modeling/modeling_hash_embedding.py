@@ -48,7 +48,9 @@ class HashEmbeddingBag(nn.Module):
 
     def bucket_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the shared table for each token, from the hash functions: ``(num_tokens, num_hashes)``."""
-        a, b, p = (torch.tensor(v, dtype=torch.long, device=input_ids.device) for v in (self.hash_a, self.hash_b, self.hash_p))
+        a, b, p = (
+            torch.tensor(v, dtype=torch.long, device=input_ids.device) for v in (self.hash_a, self.hash_b, self.hash_p)
+        )
         # a < 2**31 and ids < p < 2**31, so a * t + b stays far below 2**63.
         return (input_ids[:, None] * a + b) % p % self.num_buckets
 

@@ -13,35 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
-from transformers.utils import ModelOutput, has_file, logging
+from transformers.utils import ModelOutput, logging
 
+from .attached_tokenizer import AttachedTokenizerMixin
 from .configuration_query import OmniSearchSageQueryConfig, PoolingMode
 from .encoding import check_batch, check_truncate_dim, encode_in_batches
 
 logger = logging.get_logger(__name__)
 
-# `from_pretrained` keyword arguments that also say where and how to fetch the tokenizer.
-_TOKENIZER_LOAD_KWARGS = (
-    "cache_dir",
-    "force_download",
-    "local_files_only",
-    "proxies",
-    "revision",
-    "subfolder",
-    "token",
-    "trust_remote_code",
-)
 # Tokenizer outputs that `forward` takes; `token_type_ids` only when the tokenizer emits them.
 _MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-# `save_pretrained` keyword arguments that also say where to push the tokenizer.
-_TOKENIZER_PUSH_KWARGS = ("repo_id", "commit_message", "create_pr", "private", "token")
-
-
-def _has_tokenizer(path: str | os.PathLike, subfolder: str = "", **hub_kwargs) -> bool:
-    """Whether the folder or Hub repo ``path`` holds a saved tokenizer (its ``tokenizer_config.json``)."""
-    filename = f"{subfolder}/tokenizer_config.json" if subfolder else "tokenizer_config.json"
-    lookup_names = ("revision", "proxies", "token", "cache_dir", "local_files_only")
-    return has_file(path, filename, **{name: hub_kwargs[name] for name in lookup_names if name in hub_kwargs})
 
 
 def _drop_pooler(backbone: PreTrainedModel) -> PreTrainedModel:
@@ -106,7 +87,7 @@ class OmniSearchSageQueryPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
-class OmniSearchSageQueryModel(OmniSearchSageQueryPreTrainedModel):
+class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTrainedModel):
     """The OmniSearchSage query tower: one unit vector per search query.
 
     A pretrained text encoder (the backbone) reads the query; its first token state (``pooling="cls"``,
@@ -207,37 +188,6 @@ class OmniSearchSageQueryModel(OmniSearchSageQueryPreTrainedModel):
         model.backbone = _drop_pooler(backbone)  # the pretrained module itself: its weights are exactly those saved
         model.tokenizer = AutoTokenizer.from_pretrained(path)
         return model.eval()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
-        """Load a saved tower and, when the folder holds one, its tokenizer (see ``PreTrainedModel.from_pretrained``).
-
-        Hub arguments (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``, ...)
-        and ``trust_remote_code`` apply to the tokenizer too. A folder without ``tokenizer_config.json``
-        loads with ``tokenizer = None`` and a warning.
-        """
-        tokenizer_kwargs = {name: kwargs[name] for name in _TOKENIZER_LOAD_KWARGS if name in kwargs}
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if _has_tokenizer(pretrained_model_name_or_path, **tokenizer_kwargs):
-            model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
-        else:
-            logger.warning(
-                f"No tokenizer found in {os.fspath(pretrained_model_name_or_path)}: set `model.tokenizer` before "
-                "calling `encode`."
-            )
-        return model
-
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
-    ):
-        """Save the tower (see ``PreTrainedModel.save_pretrained``) and its tokenizer into the same folder.
-
-        With ``push_to_hub=True`` the tokenizer is pushed to the same repository in a second commit.
-        """
-        super().save_pretrained(save_directory, is_main_process=is_main_process, push_to_hub=push_to_hub, **kwargs)
-        if self.tokenizer is not None and is_main_process:
-            push_kwargs = {name: kwargs[name] for name in _TOKENIZER_PUSH_KWARGS if name in kwargs}
-            self.tokenizer.save_pretrained(save_directory, push_to_hub=push_to_hub, **push_kwargs)
 
     def encode(
         self,

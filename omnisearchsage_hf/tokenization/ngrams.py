@@ -40,8 +40,11 @@ _BOUNDARY_CLASS, _WORD_CLASS, _CJK_CLASS = 0, 1, 2
 _WORD_HASH_BASE = np.uint64(0x100000001B3)
 _LENGTH_MIX = np.uint64(0x9E3779B97F4A7C15)
 _BIGRAM_MIX = np.uint64(0xD6E8FEB86659FD93)
-_KIND_SALTS = {"trigram": np.uint64(0xA0761D6478BD642F), "unigram": np.uint64(0xE7037ED1A0B428DB),
-               "bigram": np.uint64(0x8EBC6AF09C88C6E3)}
+_KIND_SALTS = {
+    "trigram": np.uint64(0xA0761D6478BD642F),
+    "unigram": np.uint64(0xE7037ED1A0B428DB),
+    "bigram": np.uint64(0x8EBC6AF09C88C6E3),
+}
 KINDS = ("trigram", "unigram", "bigram")
 
 
@@ -149,8 +152,11 @@ def segment_batch(items: Sequence[str]) -> BatchSegments:
     if n >= 3:
         valid = (cps[:-2] != 0) & (cps[1:-1] != 0) & (cps[2:] != 0)  # (n - 2,)
         trigram_starts = np.flatnonzero(valid)
-        trigram_keys = _mix64((cps[trigram_starts] << np.uint64(42)) | (cps[trigram_starts + 1] << np.uint64(21))
-                              | cps[trigram_starts + 2])
+        trigram_keys = _mix64(
+            (cps[trigram_starts] << np.uint64(42))
+            | (cps[trigram_starts + 1] << np.uint64(21))
+            | cps[trigram_starts + 2]
+        )
     else:
         trigram_starts, trigram_keys = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
 
@@ -167,8 +173,18 @@ def segment_batch(items: Sequence[str]) -> BatchSegments:
 
     bigram_left = np.flatnonzero(word_item[:-1] == word_item[1:])
     bigram_keys = _bigram_keys(unigram_keys[bigram_left], unigram_keys[bigram_left + 1])
-    return BatchSegments(joined, trigram_starts, item_of_char[trigram_starts], trigram_keys, word_starts, word_ends,
-                         word_item, unigram_keys, bigram_left, bigram_keys)
+    return BatchSegments(
+        joined,
+        trigram_starts,
+        item_of_char[trigram_starts],
+        trigram_keys,
+        word_starts,
+        word_ends,
+        word_item,
+        unigram_keys,
+        bigram_left,
+        bigram_keys,
+    )
 
 
 class NgramTokens(NamedTuple):
@@ -320,8 +336,13 @@ class NgramVocabulary:
         items = [item for sample in samples for item in sample if item]
         item_owner = np.repeat(np.arange(len(samples)), [sum(1 for item in s if item) for s in samples])
         seg = segment_batch(items)
-        ids = np.concatenate([self.ids("trigram", seg.trigram_keys), self.ids("unigram", seg.unigram_keys),
-                              self.ids("bigram", seg.bigram_keys)])
+        ids = np.concatenate(
+            [
+                self.ids("trigram", seg.trigram_keys),
+                self.ids("unigram", seg.unigram_keys),
+                self.ids("bigram", seg.bigram_keys),
+            ]
+        )
         owner = item_owner[np.concatenate([seg.trigram_item, seg.word_item, seg.word_item[seg.bigram_left]])]
         kept = ids >= 0
         ids, owner = ids[kept], owner[kept]

@@ -87,8 +87,14 @@ def build_vocab(
     Returns:
         An ``OmniSearchSageTokenizer`` whose ids are ordered by frequency within each vocabulary.
     """
-    limits = {"trigram_size": (trigram_size, 0), "unigram_size": (unigram_size, 0), "bigram_size": (bigram_size, 0),
-              "min_count": (min_count, 1), "batch_size": (batch_size, 1), "prune_factor": (prune_factor, 1)}
+    limits = {
+        "trigram_size": (trigram_size, 0),
+        "unigram_size": (unigram_size, 0),
+        "bigram_size": (bigram_size, 0),
+        "min_count": (min_count, 1),
+        "batch_size": (batch_size, 1),
+        "prune_factor": (prune_factor, 1),
+    }
     for name, (value, lowest) in limits.items():
         if not isinstance(value, int) or value < lowest:
             raise ValueError(f"`{name}` must be an int >= {lowest}, got {value!r}.")
@@ -108,7 +114,9 @@ def build_vocab(
 
         counts["trigram"].add(seg.trigram_keys, trigram)
         counts["unigram"].add(seg.unigram_keys, word)
-        counts["bigram"].add(seg.bigram_keys, lambda i, seg=seg: f"{word(seg.bigram_left[i])}#{word(seg.bigram_left[i] + 1)}")
+        counts["bigram"].add(
+            seg.bigram_keys, lambda i, seg=seg: f"{word(seg.bigram_left[i])}#{word(seg.bigram_left[i] + 1)}"
+        )
         progress.update(len(batch))
     progress.close()
     vocabulary = NgramVocabulary(*(counts[kind].most_common(min_count) for kind in KINDS), oov_buckets=oov_buckets)

@@ -1,0 +1,72 @@
+"""A tokenizer that travels with a model: loaded from and saved to the model's own folder.
+
+Both towers embed raw inputs in ``encode`` (query strings, entity dicts), so each needs its tokenizer
+after ``AutoModel.from_pretrained(folder)`` alone, the way users of the Hub expect. The tokenizer is a
+plain attribute, never part of the state dict.
+
+This file is copied next to the modeling files when a model is saved, so it imports only transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import has_file, logging
+
+logger = logging.get_logger(__name__)
+
+# `from_pretrained` keyword arguments that also say where and how to fetch the tokenizer.
+_LOAD_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+    "trust_remote_code",
+)
+# `save_pretrained` keyword arguments that also say where to push the tokenizer.
+_PUSH_KWARGS = ("repo_id", "commit_message", "create_pr", "private", "token")
+
+
+def _has_tokenizer(path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> bool:
+    """Whether the folder or Hub repo ``path`` holds a saved tokenizer (its ``tokenizer_config.json``)."""
+    filename = f"{subfolder}/tokenizer_config.json" if subfolder else "tokenizer_config.json"
+    lookup_names = ("revision", "proxies", "token", "cache_dir", "local_files_only")
+    return has_file(path, filename, **{name: hub_kwargs[name] for name in lookup_names if name in hub_kwargs})
+
+
+class AttachedTokenizerMixin:
+    """Mixin for a ``PreTrainedModel`` whose ``tokenizer`` attribute is saved and loaded with it.
+
+    ``from_pretrained`` loads ``AutoTokenizer`` from the same folder or Hub repo, with the same Hub
+    arguments and ``trust_remote_code``; a folder without ``tokenizer_config.json`` loads with
+    ``tokenizer = None`` and a warning. ``save_pretrained`` writes the tokenizer into the same folder
+    (and, with ``push_to_hub=True``, pushes it to the same repository in a second commit).
+    """
+
+    tokenizer: PreTrainedTokenizerBase | None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any):
+        tokenizer_kwargs = {name: kwargs[name] for name in _LOAD_KWARGS if name in kwargs}
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if _has_tokenizer(pretrained_model_name_or_path, **tokenizer_kwargs):
+            model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
+        else:
+            logger.warning(
+                f"No tokenizer found in {os.fspath(pretrained_model_name_or_path)}: set `model.tokenizer` before "
+                "calling `encode`."
+            )
+        return model
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
+        super().save_pretrained(save_directory, is_main_process=is_main_process, push_to_hub=push_to_hub, **kwargs)
+        if self.tokenizer is not None and is_main_process:
+            push_kwargs = {name: kwargs[name] for name in _PUSH_KWARGS if name in kwargs}
+            self.tokenizer.save_pretrained(save_directory, push_to_hub=push_to_hub, **push_kwargs)
