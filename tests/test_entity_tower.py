@@ -275,6 +275,13 @@ class TestPersistence:
         assert np.array_equal(loaded.encode(ENTITIES), tower.encode(ENTITIES))
         assert json.loads((tmp_path / "config.json").read_text())["hash_a"] == tower.config.hash_a
 
+    def test_dense_feature_order_survives_reload(self, tmp_path):
+        model = make_entity_tower(dense={"zeta": 2, "alpha": 3})
+        assert list(model.config.dense_features) == ["alpha", "zeta"]
+        entity = {"title": "sink", "zeta": [1.0, -2.0], "alpha": [0.5, 0.0, 3.0]}
+        model.save_pretrained(tmp_path)
+        assert np.allclose(AutoModel.from_pretrained(tmp_path).encode(entity), model.encode(entity), atol=1e-6)
+
     def test_trust_remote_code_without_package(self, tower, tmp_path, run_without_package):
         folder = tmp_path / "entity"
         tower.save_pretrained(folder)

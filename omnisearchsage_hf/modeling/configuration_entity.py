@@ -35,7 +35,8 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
             buckets); sizes the per-token importance weights. Must be >= the tokenizer's ``vocab_size``.
         text_fields: Names of the text fields, each embedded as its own bag. A field may hold a string or
             a list of strings (board titles, engaged queries).
-        dense_features: Name → dimension of each pre-existing embedding the tower reads.
+        dense_features: Name → dimension of each pre-existing embedding the tower reads (kept sorted by
+            name, the order in which they are concatenated).
         num_buckets: Rows B of the shared hash embedding table (paper: 100,000).
         embedding_dim: Width d of the hash embedding table.
         num_hashes: Hash functions k per token (paper: 2).
@@ -79,8 +80,8 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.text_fields = list(self.text_fields)
         self.hidden_dims = list(self.hidden_dims)
-        if self.dense_features is None:
-            self.dense_features = dict(DEFAULT_DENSE_FEATURES)
+        # Sorted by name: the model concatenates in this order, and saved JSON sorts dict keys anyway.
+        self.dense_features = dict(sorted((self.dense_features or DEFAULT_DENSE_FEATURES).items()))
         if self.hash_p is None:
             self.hash_p = _primes_below(2**31, self.num_hashes)
         rng = random.Random(self.hash_seed)

@@ -220,14 +220,15 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, OmniSearchSageEntityPreT
         for index, entity in enumerate(entities):
             if not isinstance(entity, Mapping):
                 raise TypeError(f"Entity {index} must be a dict of features, got {type(entity).__name__}.")
-            unknown = sorted(set(entity) - known)
-            if unknown:
+            if not known.issuperset(entity):
+                unknown = sorted(set(entity) - known)
                 raise ValueError(
                     f"Entity {index} has unknown feature(s) {unknown}. Text fields: {list(self.config.text_fields)}; "
                     f"dense features: {sorted(self.config.dense_features)}; also allowed: {list(RESERVED_KEYS)}."
                 )
             for field in text_fields & entity.keys():
-                self.tokenizer.check_field(entity[field], field, index)
+                if not isinstance(entity[field], str):
+                    self.tokenizer.check_field(entity[field], field, index)
 
     def _text_inputs(self, entities: Sequence[Entity]) -> dict[str, torch.Tensor]:
         """Field-major ``input_ids`` and ``offsets`` for ``forward``."""
@@ -349,22 +350,24 @@ def _stack_feature(values: list[Any], name: str, dim: int) -> tuple[torch.Tensor
                 f"Dense feature {name!r} of entity {index} has shape {array.shape}; the model expects ({dim},) "
                 f"or (num_items, {dim})."
             )
-        if not np.isfinite(array).all():
-            raise ValueError(f"Dense feature {name!r} of entity {index} contains NaN or inf; replace or drop it.")
         arrays.append(array)
     if all(a is None or a.ndim == 1 for a in arrays):
         stacked = np.zeros((len(values), dim), dtype=np.float32)
-        present = np.array([a is not None for a in arrays])
-        if present.any():
-            stacked[present] = np.stack([a for a in arrays if a is not None])
-        return torch.from_numpy(stacked), torch.from_numpy(present)
-    items = [a if a is None or a.ndim == 2 else a[None] for a in arrays]
-    num_items = max(len(a) for a in items if a is not None)
-    stacked = np.zeros((len(values), num_items, dim), dtype=np.float32)
-    mask = np.zeros((len(values), num_items), dtype=bool)
-    for index, array in enumerate(items):
-        if array is not None:
-            stacked[index, : len(array)], mask[index, : len(array)] = array, True
+        mask = np.array([a is not None for a in arrays])
+        if mask.any():
+            stacked[mask] = np.stack([a for a in arrays if a is not None])
+    else:
+        items = [a if a is None or a.ndim == 2 else a[None] for a in arrays]
+        num_items = max(len(a) for a in items if a is not None)
+        stacked = np.zeros((len(values), num_items, dim), dtype=np.float32)
+        mask = np.zeros((len(values), num_items), dtype=bool)
+        for index, array in enumerate(items):
+            if array is not None:
+                stacked[index, : len(array)], mask[index, : len(array)] = array, True
+    finite = np.isfinite(stacked).reshape(len(values), -1).all(axis=1)  # (batch,); padding is zeros
+    if not finite.all():
+        index = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"Dense feature {name!r} of entity {index} contains NaN or inf; replace or drop it.")
     return torch.from_numpy(stacked), torch.from_numpy(mask)
 
 

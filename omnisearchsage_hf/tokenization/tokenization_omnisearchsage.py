@@ -203,11 +203,11 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
 
     def prepare_field(self, value: TextValue, field: str, index: int) -> list[str]:
         """Prepared items of one field value, within the field's character budget."""
+        if isinstance(value, str):  # the common case first: this runs once per field of every entity
+            return [prepare(value, self.max_chars_per_field)]
         self.check_field(value, field, index)
         if value is None:
             return []
-        if isinstance(value, str):
-            return [prepare(value, self.max_chars_per_field)]
         items, budget = [], self.max_chars_per_field
         for text in value:
             if budget <= 0:
