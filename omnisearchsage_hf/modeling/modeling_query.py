@@ -255,7 +255,7 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
         self.eval()
         try:
             embeddings = self._encode(
-                [self.config.query_prefix + query for query in queries],
+                queries,
                 batch_size=batch_size,
                 show_progress_bar=show_progress_bar,
                 convert_to_numpy=convert_to_numpy,
@@ -268,19 +268,30 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
                 module.training = training
         return embeddings[0] if single else embeddings
 
+    def tokenize(self, queries: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenizer inputs for ``forward``: ``config.query_prefix`` added, truncated to ``config.max_length``.
+
+        ``encode`` and the trainer both go through here, so training sees exactly what inference sees.
+        """
+        features = self.tokenizer(
+            [self.config.query_prefix + query for query in queries],
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            return_tensors="pt",
+        )
+        return {name: features[name] for name in _MODEL_INPUT_NAMES if name in features}
+
     @torch.inference_mode()
-    def _encode(self, texts: list[str], **options) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
-        """Tokenise and embed validated, prefixed texts in eval mode (see ``encode``)."""
+    def _encode(self, queries: list[str], **options) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
+        """Tokenise and embed validated queries in eval mode (see ``encode``)."""
 
         def embed_batch(batch: list[str]) -> torch.Tensor:
-            features = self.tokenizer(
-                batch, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
-            )
-            inputs = {name: features[name].to(self.device) for name in _MODEL_INPUT_NAMES if name in features}
+            inputs = {name: tensor.to(self.device) for name, tensor in self.tokenize(batch).items()}
             return self(**inputs).embeddings  # (len(batch), out_dim)
 
         return encode_in_batches(
-            texts, embed_batch, lengths=[len(text) for text in texts], desc="Encoding queries", **options
+            queries, embed_batch, lengths=[len(query) for query in queries], desc="Encoding queries", **options
         )
 
 

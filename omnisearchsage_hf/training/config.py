@@ -1,0 +1,284 @@
+"""The training configuration: typed sections read from YAML, with command-line overrides.
+
+``training/train.py --config training/configs/tiny.yaml --train.max_steps 50 --output_dir runs/x``
+reads the YAML into these dataclasses; any key can be overridden as ``--section.key value`` (values are
+parsed as YAML, so ``--loss.matryoshka_dims [64,128]`` works). Unknown keys are errors that list the
+valid ones, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DataSource = Literal["files", "synthetic"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+# Paper §3.5: at most 50 training pairs per pin and 200 per product, so popular entities don't dominate.
+DEFAULT_POPULARITY_CAPS = {"pin": 50, "product": 200}
+
+
+@dataclass
+class TaskConfig:
+    """One training task: a pair source, the tower that embeds its candidates, and its share of each batch.
+
+    Args:
+        name: Unique task name, used in logs and metric keys (``query_pin``).
+        candidate: ``"entity:<table>"`` (the learned entity tower over that entity table), ``"query"``
+            (the query tower itself: query→query pairs), or ``"compat:<table>:<feature>"`` (a compatibility
+            tower returning the table's pre-existing embedding ``feature``).
+        pairs: Training pairs file (parquet, jsonl or csv) with ``query`` and ``candidate_id`` columns.
+        eval_pairs: Held-out pairs for the periodic Recall@10 (same columns), or None.
+        share: Relative share of every batch (paper: pins 8 : products 4 : queries 2 : other 2).
+        max_pairs_per_candidate: Popularity cap; None uses 50 for ``pin`` tables, 200 for ``product``
+            tables and no cap otherwise.
+        num_random_negatives: Catalogue negatives per process and step (0 disables the random-negative
+            cross-entropy); sampled uniformly from the candidate table.
+    """
+
+    name: str
+    candidate: str
+    pairs: str | None = None
+    eval_pairs: str | None = None
+    share: float = 1.0
+    max_pairs_per_candidate: int | None = None
+    num_random_negatives: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where pairs and entities come from.
+
+    Args:
+        source: ``files`` (paths given here) or ``synthetic`` (a generated world, see ``synthetic``; the
+            paths are then relative to ``<output_dir>/data``).
+        entities: Entity table name → file (parquet, jsonl or csv) with an ``id`` column.
+        tasks: The tasks trained together.
+        synthetic: ``SyntheticWorldConfig`` fields for ``source: synthetic``.
+    """
+
+    source: DataSource = "files"
+    entities: dict[str, str] = field(default_factory=dict)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    synthetic: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The two towers.
+
+    Args:
+        backbone: Folder or Hub id of the query tower's pretrained encoder; None builds ``backbone_config``
+            from scratch with a WordPiece tokenizer trained on the training queries (tests, tiny runs).
+        backbone_config: Encoder config dict (with ``model_type``) for a from-scratch query tower.
+        query_tokenizer_vocab_size: WordPiece vocabulary of a from-scratch query tower.
+        query: Other ``OmniSearchSageQueryConfig`` fields (``pooling``, ``out_dim``, ``query_prefix``…).
+        entity: ``OmniSearchSageEntityConfig`` fields (``text_fields``, ``dense_features``…).
+        tokenizer: Folder of a saved entity tokenizer; None builds one from the training entities' text.
+        vocab: ``build_vocab`` arguments when the tokenizer is built.
+    """
+
+    backbone: str | None = None
+    backbone_config: dict[str, Any] | None = None
+    query_tokenizer_vocab_size: int = 4000
+    query: dict[str, Any] = field(default_factory=dict)
+    entity: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    vocab: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """``SampledSoftmaxLoss`` options shared by every task (see ``omnisearchsage_hf.training.losses``)."""
+
+    logq_correction: bool = True
+    positive_correction: bool = False
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
+    init_scale: float = 1 / 0.07
+    max_scale: float = 100.0
+    sketch_width: int = 2**20
+    sketch_depth: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping.
+
+    Args:
+        batch_size: Pairs per process and optimizer micro-step, split across tasks by share.
+        gradient_accumulation_steps: Micro-steps per optimizer step.
+        max_steps: Optimizer steps.
+        learning_rate, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warmup, cosine decay
+            to zero, and gradient clipping.
+        entity_learning_rate: Learning rate of the entity tower and logit scales (None: ``learning_rate``);
+            a from-scratch hash embedding wants a larger one than a pretrained encoder.
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (Accelerate autocast).
+        seed: Seeds shuffling, negatives and initialisation.
+        log_every, eval_every, save_every: In optimizer steps (0 disables eval/save).
+        keep_checkpoints: Checkpoints kept on disk (oldest deleted first).
+    """
+
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 5e-5
+    entity_learning_rate: float | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    mixed_precision: MixedPrecision = "no"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """Periodic and final Recall@K on the held-out pairs."""
+
+    corpus_size: int = 1000
+    ks: list[int] = field(default_factory=lambda: [1, 10, 100])
+    max_pairs: int = 2000
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a run needs; ``training/configs/*.yaml`` hold one each."""
+
+    output_dir: str = "runs/omnisearchsage"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a dict, recursing into nested dataclass fields."""
+    if not isinstance(values, dict):
+        raise ValueError(f"`{where}` must be a mapping, got {type(values).__name__}: {values!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in `{where}`; valid keys: {sorted(fields)}.")
+    kwargs = {}
+    for name, value in values.items():
+        nested = (
+            {
+                "data": DataConfig,
+                "model": ModelConfig,
+                "loss": LossConfig,
+                "train": TrainConfig,
+                "eval": EvalConfig,
+            }.get(name)
+            if cls is TrainingConfig
+            else None
+        )
+        if nested is not None:
+            value = _build(nested, value, f"{where}.{name}".lstrip("."))
+        elif cls is DataConfig and name == "tasks":
+            value = [_build(TaskConfig, task, f"{where}.tasks[{i}]") for i, task in enumerate(value)]
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"`{where or 'config'}`: {error}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"Cannot set `{dotted}`: `{part}` is not a section.")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainingConfig:
+    """Read a YAML config and apply ``{"section.key": value}`` overrides; validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle) or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    config = _build(TrainingConfig, tree, "")
+    validate_config(config)
+    return config
+
+
+def parse_overrides(arguments: list[str]) -> dict[str, Any]:
+    """``["--train.max_steps", "5", "--loss.logq_correction=false"]`` → ``{"train.max_steps": 5, …}``."""
+    overrides, i = {}, 0
+    while i < len(arguments):
+        argument = arguments[i]
+        if not argument.startswith("--"):
+            raise ValueError(f"Expected `--section.key value`, got {argument!r}.")
+        if "=" in argument:
+            key, raw = argument[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(arguments):
+                raise ValueError(f"Override {argument!r} has no value.")
+            key, raw = argument[2:], arguments[i + 1]
+            i += 2
+        overrides[key] = yaml.safe_load(raw)
+    return overrides
+
+
+def validate_config(config: TrainingConfig) -> None:
+    """Cross-field checks that dataclass typing cannot express; errors name the key and the fix."""
+    train = config.train
+    for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
+        if not isinstance(getattr(train, name), int) or getattr(train, name) < 1:
+            raise ValueError(f"`train.{name}` must be a positive int, got {getattr(train, name)!r}.")
+    if not config.data.tasks:
+        raise ValueError("`data.tasks` is empty: declare at least one task (name, candidate, share).")
+    names = [task.name for task in config.data.tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Task names must be unique, got {names}.")
+    if train.batch_size < len(config.data.tasks):
+        raise ValueError(
+            f"`train.batch_size` ({train.batch_size}) must give every one of the "
+            f"{len(config.data.tasks)} tasks at least one pair per step."
+        )
+    for task in config.data.tasks:
+        kind = task.candidate.split(":")[0]
+        if (
+            kind not in ("entity", "query", "compat")
+            or (kind == "entity" and task.candidate.count(":") != 1)
+            or (kind == "compat" and task.candidate.count(":") != 2)
+        ):
+            raise ValueError(
+                f"Task {task.name!r}: `candidate` {task.candidate!r} must be 'entity:<table>', 'query' or "
+                "'compat:<table>:<feature>'."
+            )
+        if task.share <= 0:
+            raise ValueError(f"Task {task.name!r}: `share` must be > 0, got {task.share!r}.")
+    if config.model.backbone is None and config.model.backbone_config is None:
+        raise ValueError("Set `model.backbone` (a pretrained encoder folder) or `model.backbone_config`.")
+
+
+__all__ = [
+    "DEFAULT_POPULARITY_CAPS",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "load_config",
+    "parse_overrides",
+    "validate_config",
+]

@@ -1,0 +1,494 @@
+"""Sampled softmax with logQ correction: the per-task training loss of OmniSearchSage (paper §3.5).
+
+Each task (a dataset of query-entity pairs plus a candidate tower) treats retrieval as classification
+over the whole catalogue, and approximates the softmax's denominator with two samples of it, whose
+cross-entropies are summed: the positives of the (global) batch, and random entities of the catalogue.
+Both samples are biased towards what they were drawn from, so each negative's logit is corrected by
+``-log Q(n)`` (Yi et al., 2019), with Q estimated by count-min sketches (``frequency.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank
+from .frequency import ConditionalFrequencyEstimator, EstimatorGroup, FrequencyEstimator
+
+
+def accidental_hits(
+    positive_ids: Tensor,
+    negative_ids: Tensor,
+    row_query_ids: Tensor | None = None,
+    negative_query_ids: Tensor | None = None,
+) -> Tensor:
+    """Which negatives must not count as negatives for each row: ``(B, K)`` bool.
+
+    A negative is an accidental hit when it is the row's positive entity, or (in-batch only, when query
+    ids are given) when it is another positive of the row's query: a query engaged twice, ``(q, p1)`` and
+    ``(q, p2)``, must not push ``p2`` away from ``q``.
+
+    Args:
+        positive_ids: ``(B,)`` entity id of each row's positive.
+        negative_ids: ``(K,)`` entity id of each negative column.
+        row_query_ids: ``(B,)`` query id of each row, or None to skip the same-query test.
+        negative_query_ids: ``(K,)`` query id each negative was paired with (in-batch candidates).
+    """
+    hits = negative_ids[None, :] == positive_ids[:, None]  # (B, K)
+    if row_query_ids is not None and negative_query_ids is not None:
+        hits = hits | (negative_query_ids[None, :] == row_query_ids[:, None])  # (B, K)
+    return hits
+
+
+def sampled_softmax_cross_entropy(
+    positive_scores: Tensor,
+    negative_scores: Tensor,
+    *,
+    scale: Tensor | float,
+    hits: Tensor,
+    positive_log_q: Tensor | None = None,
+    negative_log_q: Tensor | None = None,
+) -> Tensor:
+    """Mean cross-entropy of each row's positive against its negatives, with logQ correction and masks.
+
+    The one place where logits are built: row ``i``'s logits are ``[scale * s_i+ - log P_i, scale * s_ik -
+    log Q_k for each negative k]``, accidental hits are set to the dtype's minimum (after the correction,
+    so nothing overflows), and the target is column 0. Scores in half precision are promoted to float32.
+
+    Args:
+        positive_scores: ``(B,)`` similarity of each query with its positive.
+        negative_scores: ``(B, K)`` similarity of each query with each negative.
+        scale: Logit scale (inverse temperature), a float or 0-d tensor.
+        hits: ``(B, K)`` bool, True where a negative is masked (see :func:`accidental_hits`).
+        positive_log_q: ``(B,)`` subtracted from the positive logits (``log P(p|q)``), or None.
+        negative_log_q: ``(K,)`` subtracted from every row's negative logits (``log Q(n)``), or None.
+
+    Returns:
+        0-d tensor, the mean over rows.
+    """
+    dtype = torch.promote_types(negative_scores.dtype, torch.float32)
+    positive_logits = scale * positive_scores.to(dtype)  # (B,)
+    negative_logits = scale * negative_scores.to(dtype)  # (B, K)
+    if positive_log_q is not None:
+        positive_logits = positive_logits - positive_log_q.to(dtype)  # (B,)
+    if negative_log_q is not None:
+        negative_logits = negative_logits - negative_log_q.to(dtype)[None, :]  # (B, K)
+    negative_logits = negative_logits.masked_fill(hits, torch.finfo(negative_logits.dtype).min)
+    logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)  # (B, 1 + K)
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, target)
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """Sampled softmax over in-batch and random negatives, with logQ correction, for one task.
+
+    For each query, the positive entity competes with two sets of negatives, each in its own softmax:
+    the positives of every other pair in the global batch (gathered across processes, with gradient),
+    and random entities of the catalogue. Popular entities appear often as in-batch negatives, so each
+    negative's logit is lowered by ``log Q(n)``, the log probability it was sampled, from a streaming
+    count-min sketch over the gathered candidate ids (or given by the random-negative sampler). As in the
+    reference code, the positive (column 0 of every row) is not logQ-corrected, unlike eq. 3 of the paper;
+    optionally it is lowered by ``log P(p|q)`` instead ("positive correction"). Negatives that are the
+    row's own positive, or (in-batch) another positive of the same query, are masked. The scale is
+    learned in log space and capped. With Matryoshka dims, the same losses are computed on the
+    renormalised first ``d`` dims of every embedding, weighted, and summed.
+
+    Args:
+        in_batch_negatives: Use the global batch's positives as negatives (eq. 3 of the paper).
+        random_negatives: Use random catalogue entities as negatives (eq. 4-5); ``forward`` then needs
+            ``negative_embeddings`` and ``negative_ids``. At least one of the two must be on.
+        logq_correction: Subtract ``log Q(n)`` from negative logits.
+        positive_correction: Subtract ``log P(p|q)`` (from two more sketches) from positive logits.
+        matryoshka_dims: Prefix sizes ``d`` to train, e.g. ``(16, 32, ..., 512)``; None trains the full
+            embeddings (query and candidate widths must then match). Dims wider than the candidate
+            embedding are skipped, so a 512-d query trains its first 256 dims against a 256-d legacy space.
+        matryoshka_weights: One non-negative weight per dim; default all 1.0.
+        init_scale: Initial logit scale (inverse temperature). Default ``1 / 0.07``.
+        max_scale: Cap on the scale; the learned log-scale is clamped to ``log(max_scale)`` when used.
+        sketch_width, sketch_depth: Size of each count-min sketch (``8 * depth * width`` bytes each;
+            up to four per loss). The overcount is at most ``e / width`` of all ids seen, with
+            probability ``1 - e**-depth``.
+        sketch_seed: Hash seed of the sketches; must be equal on every process.
+        catalogue_size: Size of the candidate pool, when known; the frequency estimators then start from
+            the uniform estimate instead of from nothing (see ``FrequencyEstimator``).
+
+    Inputs (``forward``, keyword-only):
+        +--------------------------+----------------------+----------------------------------------------+
+        | Argument                 | Shape                | Meaning                                      |
+        +==========================+======================+==============================================+
+        | ``query_embeddings``     | ``(B, Dq)``          | unit query embeddings of this process        |
+        | ``candidate_embeddings`` | ``(B, Dc)``          | unit embeddings of each query's positive     |
+        | ``query_ids``            | ``(B,)`` int64       | stable query ids (same-query mask, P(p|q))   |
+        | ``candidate_ids``        | ``(B,)`` int64       | stable entity ids (masks, logQ sketches)     |
+        | ``negative_embeddings``  | ``(M, Dc)`` or None  | random catalogue entities of this process    |
+        | ``negative_ids``         | ``(M,)`` or None     | their entity ids                             |
+        | ``negative_log_q``       | ``(M,)`` or None     | their ``log Q`` if the sampler knows it;     |
+        |                          |                      | None estimates it with a sketch              |
+        +--------------------------+----------------------+----------------------------------------------+
+
+    Returns ``(total, parts)``: the 0-d weighted total, and detached per-part losses for logging, keyed
+    ``"in_batch"``/``"random"``, or ``"dim64/in_batch"``, ... with Matryoshka dims.
+
+    Distributed: ``forward`` is a collective (every process calls it, same order, same ``B`` and ``M``, and
+    ``negative_log_q`` given on all processes or none). Random negatives stay local to their process. The
+    sketches are updated (in training mode only) with ids gathered from all processes, so they stay
+    identical everywhere; register ``loss.estimators`` with ``accelerator.register_for_checkpointing``.
+    ``logit_scale`` is a parameter: optimise it, and keep its gradient synchronised (e.g. hold the loss
+    inside the module that DDP wraps).
+
+    References:
+        - Agarwal et al. OmniSearchSage: Multi-Task Multi-Entity Embeddings for Pinterest Search.
+          WWW'24 Companion. https://arxiv.org/abs/2404.16260
+        - Yi et al. Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations.
+          RecSys 2019. https://doi.org/10.1145/3298689.3346996
+
+    Example:
+        ::
+
+            import torch, torch.nn.functional as F
+            from omnisearchsage_hf.training.losses import SampledSoftmaxLoss
+
+            loss = SampledSoftmaxLoss(random_negatives=False, sketch_width=1024)
+            queries, pins = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+            total, parts = loss(query_embeddings=queries, candidate_embeddings=pins,
+                                query_ids=torch.tensor([1, 2, 3, 4]), candidate_ids=torch.tensor([10, 11, 12, 13]))
+            sorted(parts), total.ndim
+            # (['in_batch'], 0)
+    """
+
+    def __init__(
+        self,
+        *,
+        in_batch_negatives: bool = True,
+        random_negatives: bool = True,
+        logq_correction: bool = True,
+        positive_correction: bool = False,
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
+        init_scale: float = 1 / 0.07,
+        max_scale: float = 100.0,
+        sketch_width: int = 2**20,
+        sketch_depth: int = 2,
+        sketch_seed: int = 0,
+        catalogue_size: int | None = None,
+    ):
+        super().__init__()
+        if not (in_batch_negatives or random_negatives):
+            raise ValueError("Set `in_batch_negatives` or `random_negatives` (or both) to True: no negatives left.")
+        if not 0 < init_scale <= max_scale:
+            raise ValueError(
+                f"Need 0 < `init_scale` <= `max_scale`, got init_scale={init_scale!r}, max_scale={max_scale!r}."
+            )
+        if matryoshka_dims is not None:
+            matryoshka_dims = tuple(matryoshka_dims)
+            if not matryoshka_dims or any(not isinstance(d, int) or d < 1 for d in matryoshka_dims):
+                raise ValueError(f"`matryoshka_dims` must be positive ints, got {matryoshka_dims!r}.")
+            if len(set(matryoshka_dims)) != len(matryoshka_dims):
+                raise ValueError(f"`matryoshka_dims` has duplicates: {matryoshka_dims!r}.")
+            weights = (1.0,) * len(matryoshka_dims) if matryoshka_weights is None else tuple(matryoshka_weights)
+            if len(weights) != len(matryoshka_dims) or any(w < 0 for w in weights):
+                raise ValueError(
+                    f"`matryoshka_weights` needs one non-negative weight per dim of {matryoshka_dims!r}, "
+                    f"got {weights!r}."
+                )
+            matryoshka_weights = tuple(float(w) for w in weights)
+        elif matryoshka_weights is not None:
+            raise ValueError("`matryoshka_weights` needs `matryoshka_dims`; set both or neither.")
+        self.in_batch_negatives = in_batch_negatives
+        self.random_negatives = random_negatives
+        self.logq_correction = logq_correction
+        self.positive_correction = positive_correction
+        self.matryoshka_dims = matryoshka_dims
+        self.matryoshka_weights = matryoshka_weights
+        self.init_scale, self.max_scale = float(init_scale), float(max_scale)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.sketch_width, self.sketch_depth, self.sketch_seed = sketch_width, sketch_depth, sketch_seed
+        # Training state, deliberately not a buffer: checkpointed on its own, never saved with model weights.
+        sketch = {"width": sketch_width, "depth": sketch_depth, "seed": sketch_seed}
+        self.estimators = EstimatorGroup()
+        if logq_correction and in_batch_negatives:
+            self.estimators["in_batch"] = FrequencyEstimator(**sketch, catalogue_size=catalogue_size)
+        if logq_correction and random_negatives:
+            self.estimators["random"] = FrequencyEstimator(**sketch, catalogue_size=catalogue_size)
+        if positive_correction:
+            self.estimators["positive"] = ConditionalFrequencyEstimator(**sketch)
+
+    @property
+    def scale(self) -> Tensor:
+        """The logit scale in use, ``exp(min(logit_scale, log(max_scale)))`` (0-d, differentiable)."""
+        return self.logit_scale.clamp(max=math.log(self.max_scale)).exp()
+
+    def forward(
+        self,
+        *,
+        query_embeddings: Tensor,
+        candidate_embeddings: Tensor,
+        query_ids: Tensor,
+        candidate_ids: Tensor,
+        negative_embeddings: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        negative_log_q: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        batch_size = _check_matrix("query_embeddings", query_embeddings)
+        _check_matrix("candidate_embeddings", candidate_embeddings, rows=batch_size)
+        _check_ids("query_ids", query_ids, batch_size)
+        _check_ids("candidate_ids", candidate_ids, batch_size)
+        if self.random_negatives:
+            if negative_embeddings is None or negative_ids is None:
+                raise ValueError(
+                    "random_negatives=True needs `negative_embeddings` and `negative_ids` (random catalogue "
+                    "entities); pass them or build the loss with random_negatives=False."
+                )
+            num_negatives = _check_matrix(
+                "negative_embeddings", negative_embeddings, cols=candidate_embeddings.shape[1]
+            )
+            _check_ids("negative_ids", negative_ids, num_negatives)
+        elif negative_embeddings is not None:
+            raise ValueError("`negative_embeddings` were given but random_negatives=False; drop them or enable it.")
+
+        # Ids of the global batch; rank r's rows sit at [r * B, (r + 1) * B).
+        query_ids_all = all_gather_no_grad(query_ids)  # (N,)  also checks B agrees across processes
+        candidate_ids_all = all_gather_no_grad(candidate_ids, check_shapes=False)  # (N,)
+        if self.in_batch_negatives:
+            candidates = all_gather_with_grad(candidate_embeddings, check_shapes=False)  # (N, Dc)
+            offset, ids, qids = get_rank() * batch_size, candidate_ids_all, query_ids_all
+        else:
+            candidates, offset, ids, qids = candidate_embeddings, 0, candidate_ids, query_ids
+        positive_index = torch.arange(offset, offset + batch_size, device=candidates.device)  # (B,)
+        estimate_negatives = "random" in self.estimators and negative_log_q is None
+        if estimate_negatives:
+            negative_ids_all = all_gather_no_grad(negative_ids)  # (world_size * M,)
+
+        if self.training:
+            if "in_batch" in self.estimators:
+                self.estimators["in_batch"].update(candidate_ids_all)
+            if "positive" in self.estimators:
+                self.estimators["positive"].update(query_ids_all, candidate_ids_all)
+            if estimate_negatives:
+                self.estimators["random"].update(negative_ids_all)
+
+        candidate_log_q = positive_log_q = None
+        if "in_batch" in self.estimators:
+            candidate_log_q = self.estimators["in_batch"].log_prob(ids, num_draws=ids.shape[0])  # (N,)
+        if "positive" in self.estimators:
+            positive_log_q = self.estimators["positive"].log_prob(query_ids, candidate_ids)  # (B,)
+        if estimate_negatives:
+            negative_log_q = self.estimators["random"].log_prob(negative_ids)  # (M,) M draws on this process
+        return self.compute_loss_from_embeddings(
+            query_embeddings,
+            candidates,
+            positive_index=positive_index,
+            candidate_ids=ids,
+            query_ids=qids,
+            candidate_log_q=candidate_log_q,
+            positive_log_q=positive_log_q,
+            negative_embeddings=negative_embeddings,
+            negative_ids=negative_ids,
+            negative_log_q=negative_log_q,
+        )
+
+    def compute_loss_from_embeddings(
+        self,
+        query_embeddings: Tensor,
+        candidate_embeddings: Tensor,
+        *,
+        positive_index: Tensor,
+        candidate_ids: Tensor,
+        query_ids: Tensor,
+        candidate_log_q: Tensor | None = None,
+        positive_log_q: Tensor | None = None,
+        negative_embeddings: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        negative_log_q: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Score embeddings that are already gathered; pure (no collectives, no sketch updates).
+
+        Args:
+            query_embeddings: ``(B, Dq)`` this process's queries.
+            candidate_embeddings: ``(N, Dc)`` the candidates of the global batch (``N = B`` in one process),
+                each the positive of one query; in-batch negatives are drawn from them.
+            positive_index: ``(B,)`` int64, the row of ``candidate_embeddings`` holding query ``i``'s positive.
+            candidate_ids: ``(N,)`` entity id of each candidate.
+            query_ids: ``(N,)`` query id each candidate was paired with.
+            candidate_log_q: ``(N,)`` ``log Q`` of each candidate; required when in-batch negatives and
+                logQ correction are on, ignored otherwise.
+            positive_log_q: ``(B,)`` ``log P(p|q)``; required with positive correction, ignored otherwise.
+            negative_embeddings: ``(M, Dc)`` random negatives; required when random negatives are on.
+            negative_ids: ``(M,)`` their entity ids.
+            negative_log_q: ``(M,)`` their ``log Q``; required with random negatives and logQ correction.
+
+        Returns:
+            ``(total, parts)`` as in the class docstring.
+        """
+        batch_size = _check_matrix("query_embeddings", query_embeddings)
+        num_candidates = _check_matrix("candidate_embeddings", candidate_embeddings)
+        _check_ids("positive_index", positive_index, batch_size)
+        _check_ids("candidate_ids", candidate_ids, num_candidates)
+        _check_ids("query_ids", query_ids, num_candidates)
+        use_candidate_log_q = self.in_batch_negatives and self.logq_correction
+        _check_vector("candidate_log_q", candidate_log_q, num_candidates, use_candidate_log_q, "logq_correction")
+        _check_vector("positive_log_q", positive_log_q, batch_size, self.positive_correction, "positive_correction")
+        finite = [("query_embeddings", query_embeddings), ("candidate_embeddings", candidate_embeddings)]
+        if self.random_negatives:
+            if negative_embeddings is None or negative_ids is None:
+                raise ValueError("random_negatives=True needs `negative_embeddings` and `negative_ids`.")
+            num_negatives = _check_matrix(
+                "negative_embeddings", negative_embeddings, cols=candidate_embeddings.shape[1]
+            )
+            _check_ids("negative_ids", negative_ids, num_negatives)
+            _check_vector("negative_log_q", negative_log_q, num_negatives, self.logq_correction, "logq_correction")
+            finite.append(("negative_embeddings", negative_embeddings))
+        _check_finite_and_index(finite, positive_index, num_candidates)
+        plan = self._matryoshka_plan(query_embeddings.shape[1], candidate_embeddings.shape[1])
+
+        positive_ids, row_query_ids = candidate_ids[positive_index], query_ids[positive_index]  # (B,), (B,)
+        scale = self.scale
+        if not self.positive_correction:
+            positive_log_q = None
+        parts: dict[str, Tensor] = {}
+        total = query_embeddings.new_zeros((), dtype=torch.promote_types(query_embeddings.dtype, torch.float32))
+        for prefix, dim, weight in plan:
+            queries = _prefix(query_embeddings, dim)  # (B, d)
+            candidates = _prefix(candidate_embeddings, dim)  # (N, d)
+            positive_scores = (queries * candidates[positive_index]).sum(dim=-1)  # (B,)
+            losses = {}
+            if self.in_batch_negatives:
+                losses["in_batch"] = sampled_softmax_cross_entropy(
+                    positive_scores,
+                    queries @ candidates.T,  # (B, N)
+                    scale=scale,
+                    hits=accidental_hits(positive_ids, candidate_ids, row_query_ids, query_ids),
+                    positive_log_q=positive_log_q,
+                    negative_log_q=candidate_log_q if self.logq_correction else None,
+                )
+            if self.random_negatives:
+                losses["random"] = sampled_softmax_cross_entropy(
+                    positive_scores,
+                    queries @ _prefix(negative_embeddings, dim).T,  # (B, M)
+                    scale=scale,
+                    hits=accidental_hits(positive_ids, negative_ids),
+                    positive_log_q=positive_log_q,
+                    negative_log_q=negative_log_q if self.logq_correction else None,
+                )
+            for name, loss in losses.items():
+                total = total + weight * loss
+                parts[prefix + name] = loss.detach()
+        return total, parts
+
+    def _matryoshka_plan(self, query_dim: int, candidate_dim: int) -> list[tuple[str, int | None, float]]:
+        """``[(key prefix, prefix dim or None for the full embedding, weight)]`` for these widths."""
+        if self.matryoshka_dims is None:
+            if query_dim != candidate_dim:
+                raise ValueError(
+                    f"query_embeddings have {query_dim} dims but candidate_embeddings have {candidate_dim}; "
+                    "make them equal or set `matryoshka_dims` to train a shared prefix."
+                )
+            return [("", None, 1.0)]
+        plan = []
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            if dim > candidate_dim:
+                continue  # e.g. 512 against a 256-d legacy embedding: only the prefixes it has are trained
+            if dim > query_dim:
+                raise ValueError(
+                    f"`matryoshka_dims` has {dim} but query_embeddings have only {query_dim} dims; drop that dim."
+                )
+            plan.append((f"dim{dim}/", dim, weight))
+        if not plan:
+            raise ValueError(
+                f"No `matryoshka_dims` {self.matryoshka_dims!r} fits candidate_embeddings of {candidate_dim} dims; "
+                f"add a dim <= {candidate_dim}."
+            )
+        return plan
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "in_batch_negatives": self.in_batch_negatives,
+            "random_negatives": self.random_negatives,
+            "logq_correction": self.logq_correction,
+            "positive_correction": self.positive_correction,
+            "matryoshka_dims": self.matryoshka_dims,
+            "matryoshka_weights": self.matryoshka_weights,
+            "init_scale": self.init_scale,
+            "max_scale": self.max_scale,
+            "sketch_width": self.sketch_width,
+            "sketch_depth": self.sketch_depth,
+            "sketch_seed": self.sketch_seed,
+        }
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.get_config_dict().items())
+
+    @property
+    def citation(self) -> str:
+        return """
+@inproceedings{agarwal2024omnisearchsage,
+      title={OmniSearchSage: Multi-Task Multi-Entity Embeddings for Pinterest Search},
+      author={Prabhat Agarwal and Minhazul Islam Sk and Nikil Pancha and Kurchi Subhra Hazra and Jiajing Xu and Chuck Rosenberg},
+      booktitle={Companion Proceedings of the ACM Web Conference 2024},
+      year={2024},
+      eprint={2404.16260},
+      archivePrefix={arXiv},
+      url={https://arxiv.org/abs/2404.16260},
+}
+@inproceedings{yi2019samplingbias,
+      title={Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations},
+      author={Xinyang Yi and Ji Yang and Lichan Hong and Derek Zhiyuan Cheng and Lukasz Heldt and Aditee Kumthekar and Zhe Zhao and Li Wei and Ed Chi},
+      booktitle={Proceedings of the 13th ACM Conference on Recommender Systems},
+      year={2019},
+      url={https://doi.org/10.1145/3298689.3346996},
+}
+"""
+
+
+def _prefix(embeddings: Tensor, dim: int | None) -> Tensor:
+    """The first ``dim`` dims renormalised to unit length, or ``embeddings`` unchanged when ``dim`` is None."""
+    return embeddings if dim is None else F.normalize(embeddings[:, :dim], p=2, dim=-1)  # (n, dim)
+
+
+def _check_matrix(name: str, value: Tensor, *, rows: int | None = None, cols: int | None = None) -> int:
+    if not isinstance(value, Tensor) or value.ndim != 2 or not value.dtype.is_floating_point:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` must be a 2-D float tensor (n, dim), got {shape}.")
+    if value.shape[0] == 0:
+        raise ValueError(f"`{name}` is empty (0 rows); skip this task's loss for an empty batch.")
+    if rows is not None and value.shape[0] != rows:
+        raise ValueError(f"`{name}` must have {rows} rows, one per query, got {value.shape[0]}.")
+    if cols is not None and value.shape[1] != cols:
+        raise ValueError(f"`{name}` must have {cols} dims like the candidates, got {value.shape[1]}.")
+    return value.shape[0]
+
+
+def _check_ids(name: str, value: Tensor, length: int) -> None:
+    if not isinstance(value, Tensor) or value.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"`{name}` must be an int64 tensor, got {getattr(value, 'dtype', type(value).__name__)}.")
+    if value.ndim != 1 or value.shape[0] != length:
+        raise ValueError(f"`{name}` must have shape ({length},), got {tuple(value.shape)}.")
+
+
+def _check_vector(name: str, value: Tensor | None, length: int, required: bool, option: str) -> None:
+    if value is None:
+        if required:
+            raise ValueError(f"{option}=True needs `{name}` of shape ({length},); pass it or turn {option} off.")
+        return
+    if value.ndim != 1 or value.shape[0] != length:
+        raise ValueError(f"`{name}` must have shape ({length},), got {tuple(value.shape)}.")
+
+
+def _check_finite_and_index(embeddings: list[tuple[str, Tensor]], positive_index: Tensor, num_candidates: int) -> None:
+    """Raise on NaN/inf embeddings or an out-of-range ``positive_index``, with one device sync in total."""
+    bad = [~torch.isfinite(value).all() for _, value in embeddings]
+    bad.append((positive_index < 0).any() | (positive_index >= num_candidates).any())
+    flags = torch.stack(bad).tolist()
+    for (name, _), flag in zip(embeddings, flags):
+        if flag:
+            raise ValueError(f"`{name}` contains NaN or inf; check the tower's inputs and the learning rate.")
+    if flags[-1]:
+        raise ValueError(f"`positive_index` must lie in [0, {num_candidates}), got {positive_index.tolist()}.")
+
+
+__all__ = ["SampledSoftmaxLoss", "accidental_hits", "sampled_softmax_cross_entropy"]

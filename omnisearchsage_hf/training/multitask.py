@@ -1,0 +1,154 @@
+"""The multi-task objective: both towers, one sampled-softmax loss per task, summed.
+
+Paper §3.5: one query embedding is trained against several candidate towers at once — the learned
+entity tower for pins and for products, the query tower itself for query→query pairs, and parameter-free
+compatibility towers for the pre-existing (legacy) embeddings. Every step embeds all tasks' queries in
+one query-tower call and all tasks' entity candidates in one entity-tower call, then scores each task
+with its own ``SampledSoftmaxLoss`` (its own logit scale and frequency estimators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modeling import CompatibilityTower, OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from .config import LossConfig, TaskConfig
+from .losses import SampledSoftmaxLoss
+
+
+@dataclass
+class TaskBatch:
+    """One task's share of a step, as positions into the step's shared embedding calls.
+
+    Attributes:
+        queries: Rows of the step's query-tower output that are this task's queries ``(n,)``.
+        candidates: Rows of the candidate tower's output (query-tower output for ``query`` tasks,
+            entity-tower output for ``entity`` tasks) ``(n,)``; unused for ``compat`` tasks.
+        negatives: Rows of random negatives in the same output ``(m,)`` (empty when disabled).
+        compat_candidates, compat_negatives: ``(n, dim)`` / ``(m, dim)`` pre-existing embeddings for
+            ``compat`` tasks.
+        query_ids, candidate_ids, negative_ids: int64 ids for accidental-hit masking and frequencies.
+        negative_log_q: ``(m,)`` log sampling probability of each random negative.
+    """
+
+    queries: torch.Tensor
+    candidates: torch.Tensor
+    query_ids: torch.Tensor
+    candidate_ids: torch.Tensor
+    negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    negative_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    negative_log_q: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    compat_candidates: torch.Tensor | None = None
+    compat_negatives: torch.Tensor | None = None
+
+
+@dataclass
+class StepBatch:
+    """Everything one micro-step needs: tokenized query-tower inputs, entity inputs, and per-task rows."""
+
+    query_inputs: dict[str, torch.Tensor]
+    entity_inputs: dict[str, Any] | None
+    tasks: dict[str, TaskBatch]
+
+    def to(self, device: torch.device) -> StepBatch:
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            if isinstance(value, TaskBatch):
+                return TaskBatch(**{k: move(getattr(value, k)) for k in value.__dataclass_fields__})
+            return value
+
+        return StepBatch(move(self.query_inputs), move(self.entity_inputs), move(self.tasks))
+
+
+class MultiTaskModel(nn.Module):
+    """Query tower + entity tower + one loss per task; ``forward(step_batch)`` returns the summed loss.
+
+    Args:
+        query_tower: The query tower being trained.
+        entity_tower: The entity tower being trained (shared by pin and product tasks).
+        tasks: Task declarations, in the order every process evaluates them (collectives inside the
+            losses must line up across processes).
+        loss_config: Options of every task's ``SampledSoftmaxLoss``.
+        compat_dims: For each ``compat`` task, the dimension of its pre-existing embedding.
+        catalogue_sizes: For each task, the number of candidates it can draw (the logQ prior).
+    """
+
+    def __init__(
+        self,
+        query_tower: OmniSearchSageQueryModel,
+        entity_tower: OmniSearchSageEntityModel,
+        tasks: Sequence[TaskConfig],
+        loss_config: LossConfig,
+        compat_dims: Mapping[str, int] | None = None,
+        catalogue_sizes: Mapping[str, int] | None = None,
+    ):
+        super().__init__()
+        self.query_tower = query_tower
+        self.entity_tower = entity_tower
+        self.task_kinds = {task.name: task.candidate.split(":")[0] for task in tasks}
+        self.losses = nn.ModuleDict(
+            {
+                task.name: SampledSoftmaxLoss(
+                    in_batch_negatives=True,
+                    random_negatives=task.num_random_negatives > 0,
+                    logq_correction=loss_config.logq_correction,
+                    positive_correction=loss_config.positive_correction,
+                    matryoshka_dims=loss_config.matryoshka_dims,
+                    matryoshka_weights=loss_config.matryoshka_weights,
+                    init_scale=loss_config.init_scale,
+                    max_scale=loss_config.max_scale,
+                    sketch_width=loss_config.sketch_width,
+                    sketch_depth=loss_config.sketch_depth,
+                    catalogue_size=(catalogue_sizes or {}).get(task.name),
+                )
+                for task in tasks
+            }
+        )
+        self.compat_towers = {
+            task.name: CompatibilityTower(task.candidate.split(":")[2], (compat_dims or {})[task.name])
+            for task in tasks
+            if self.task_kinds[task.name] == "compat"
+        }
+
+    def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        query_out = self.query_tower(**batch.query_inputs).embeddings  # (num_query_rows, out_dim)
+        entity_out = (
+            self.entity_tower(**batch.entity_inputs).embeddings if batch.entity_inputs is not None else None
+        )  # (num_entity_rows, out_dim)
+        total = query_out.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        for name, task in batch.tasks.items():
+            kind = self.task_kinds[name]
+            if kind == "compat":
+                tower = self.compat_towers[name]
+                candidates = tower(task.compat_candidates)  # (n, dim)
+                negatives = tower(task.compat_negatives) if task.compat_negatives is not None else None
+            else:
+                source = query_out if kind == "query" else entity_out
+                candidates = source[task.candidates]  # (n, out_dim)
+                negatives = source[task.negatives] if len(task.negatives) else None  # (m, out_dim)
+            has_negatives = negatives is not None and len(negatives) > 0
+            loss, task_parts = self.losses[name](
+                query_embeddings=query_out[task.queries],
+                candidate_embeddings=candidates,
+                query_ids=task.query_ids,
+                candidate_ids=task.candidate_ids,
+                negative_embeddings=negatives if has_negatives else None,
+                negative_ids=task.negative_ids if has_negatives else None,
+                negative_log_q=task.negative_log_q if has_negatives else None,
+            )
+            total = total + loss
+            parts[name] = loss.detach()
+            parts.update({f"{name}/{k}": v.detach() for k, v in task_parts.items()})
+        return total, parts
+
+
+__all__ = ["MultiTaskModel", "StepBatch", "TaskBatch"]
