@@ -303,3 +303,17 @@ print(json.dumps({{"emb": model.encode(entities).tolist(), "ids": tokenizer("cop
         (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
         with pytest.raises(Exception, match="(?i)safetensors|header|deserializ|invalid|corrupt"):
             AutoModel.from_pretrained(tmp_path)
+
+
+class TestResidualFeature:
+    def test_starts_as_the_feature_then_learns(self):
+        model = make_entity_tower(dense={"e5": 8}, residual_feature="e5")
+        vector = np.array([3.0, 0, 0, 4.0, 0, 0, 0, 0], dtype=np.float32)
+        assert np.allclose(model.encode({"title": "copper sink", "e5": vector}), vector / 5.0, atol=1e-6)
+        inputs = model.prepare_inputs([{"title": "copper sink", "e5": vector}])
+        model(**inputs).embeddings[0, 1].backward()
+        assert model.mlp.layers[-1].weight.grad.abs().sum() > 0
+
+    def test_residual_feature_must_match_out_dim(self):
+        with pytest.raises(StrictDataclassError, match="residual_feature"):
+            OmniSearchSageEntityConfig(dense_features={"e5": 4}, out_dim=8, residual_feature="e5")

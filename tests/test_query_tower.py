@@ -11,6 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel, BertTokenizer, DistilBertConfig
 
 from omnisearchsage_hf import OmniSearchSageQueryConfig, OmniSearchSageQueryModel
+from omnisearchsage_hf.modeling.modeling_query import pool
 
 QUERIES = ["antique copper bathroom sink", "lamp", "red summer dress shoes wall art kitchen", "日本語", ""]
 ODD_QUERIES = {
@@ -341,3 +342,16 @@ print(json.dumps({{"class": type(model).__module__ + "." + type(model).__name__,
     )
     assert result["tokenizer"] == "BertTokenizer"
     np.testing.assert_allclose(np.array(result["embeddings"]), tower.encode(QUERIES), atol=1e-6)
+
+
+def test_identity_projection_starts_at_the_pretrained_encoder(tiny_backbone_dir):
+    tower = OmniSearchSageQueryModel.from_backbone(
+        tiny_backbone_dir, pooling="mean", out_dim=32, projection_init="identity"
+    )
+    inputs = tower.tokenize(["copper sink", "red dress"])
+    with torch.no_grad():
+        hidden = tower.backbone(**inputs).last_hidden_state
+        expected = torch.nn.functional.normalize(pool(hidden, inputs["attention_mask"], "mean"), dim=-1)
+    assert torch.allclose(tower.encode(["copper sink", "red dress"], convert_to_tensor=True), expected, atol=1e-6)
+    with pytest.raises(StrictDataclassError, match="identity"):
+        OmniSearchSageQueryModel.from_backbone(tiny_backbone_dir, out_dim=64, projection_init="identity")

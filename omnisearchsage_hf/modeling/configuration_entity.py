@@ -46,6 +46,11 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
         hash_seed: Seed that draws ``hash_a``/``hash_b`` when they are not given.
         hidden_dims: Widths of the MLP's hidden layers (paper: 1024, 1024).
         out_dim: Output embedding size; must match the query tower's.
+        residual_feature: Optional name of a dense feature of width ``out_dim`` that is added to the MLP's
+            output before normalisation, the MLP's last layer starting at zero: the tower then starts out
+            as that pre-existing embedding (e.g. a zero-shot passage embedding) and learns a correction
+            from the text n-grams, instead of learning the whole space from scratch. None (default) is
+            the paper's plain MLP.
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal initialisation of linear and embedding weights.
 
@@ -74,6 +79,7 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
     hash_seed: int = 0
     hidden_dims: list[int] | tuple[int, ...] = (1024, 1024)
     out_dim: int = 256
+    residual_feature: str | None = None
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
@@ -106,6 +112,11 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
             raise ValueError(f"Feature names must be unique and not reserved {RESERVED_KEYS}; offending: {clashes}.")
         if any(not isinstance(d, int) or d < 1 for d in self.dense_features.values()):
             raise ValueError(f"`dense_features` must map names to positive int dims, got {self.dense_features!r}.")
+        if self.residual_feature is not None and self.dense_features.get(self.residual_feature) != self.out_dim:
+            raise ValueError(
+                f"`residual_feature` {self.residual_feature!r} must be a dense feature of width out_dim "
+                f"({self.out_dim}); dense features: {self.dense_features}."
+            )
         for name in ("hash_a", "hash_b", "hash_p"):
             if len(getattr(self, name)) != self.num_hashes:
                 raise ValueError(f"`{name}` has {len(getattr(self, name))} entries; `num_hashes` is {self.num_hashes}.")

@@ -32,6 +32,10 @@ class OmniSearchSageQueryConfig(PreTrainedConfig):
         max_length: Longest tokenised query kept by ``encode``, in tokens including special tokens,
             >= 1. Default 64 (search queries are short; the bound also caps the cost of pasted text).
         initializer_range: Standard deviation of the normal init of the projection. Default 0.02.
+        projection_init: ``"normal"`` (default) or ``"identity"``: the projection starts as the identity on
+            the first ``out_dim`` pooled dimensions (needs ``out_dim <= hidden_size``), so a tower built with
+            ``from_backbone`` starts out embedding exactly like its pretrained encoder (e.g. zero-shot e5)
+            and fine-tuning starts from that quality instead of from a random projection.
 
     Relations:
         ``OmniSearchSageEntityConfig`` configures the tower on the other side; both must share
@@ -63,6 +67,7 @@ class OmniSearchSageQueryConfig(PreTrainedConfig):
     query_prefix: str = ""
     max_length: int = 64
     initializer_range: float = 0.02
+    projection_init: Literal["normal", "identity"] = "normal"
 
     def validate_out_dim(self):
         """Part of `@strict` validation: the projection needs at least one output."""
@@ -73,6 +78,14 @@ class OmniSearchSageQueryConfig(PreTrainedConfig):
         """Part of `@strict` validation: `encode` must keep at least one token per query."""
         if self.max_length < 1:
             raise ValueError(f"`max_length` must be >= 1 (tokens per query), got {self.max_length!r}.")
+
+    def validate_projection_init(self):
+        """Part of `@strict` validation: an identity projection cannot widen the pooled vector."""
+        hidden = getattr(self.backbone_config, "hidden_size", None)
+        if self.projection_init == "identity" and hidden is not None and self.out_dim > hidden:
+            raise ValueError(
+                f"`projection_init='identity'` needs `out_dim` <= the backbone's hidden size ({hidden}), got {self.out_dim}."
+            )
 
     def validate_backbone(self):
         """Part of `@strict` validation: the projection is sized from the backbone's `hidden_size`."""

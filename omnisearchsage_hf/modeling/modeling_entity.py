@@ -88,6 +88,11 @@ class OmniSearchSageEntityPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        if self.config.residual_feature is not None and module is self.mlp.layers[-1]:
+            # The tower starts as the residual feature itself (see the config's `residual_feature`).
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, HashEmbeddingBag):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
@@ -156,9 +161,13 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, OmniSearchSageEntityPreT
         batch_size = len(offsets) // num_fields if num_fields else self._dense_batch_size(dense_features)
 
         parts = [self._embed_text(input_ids, offsets, batch_size)]  # [(batch_size, embedding_dim)]
-        for name, dim in self.config.dense_features.items():
-            parts.append(self._pool_dense(name, dim, dense_features.get(name), dense_masks.get(name), batch_size))
-        embeddings = self.mlp(torch.cat(parts, dim=-1))  # (batch_size, out_dim)
+        dense = {
+            name: self._pool_dense(name, dim, dense_features.get(name), dense_masks.get(name), batch_size)
+            for name, dim in self.config.dense_features.items()
+        }  # name -> (batch_size, dim)
+        embeddings = self.mlp(torch.cat(parts + list(dense.values()), dim=-1))  # (batch_size, out_dim)
+        if self.config.residual_feature is not None:
+            embeddings = embeddings + dense[self.config.residual_feature]
         return OmniSearchSageEntityOutput(embeddings=F.normalize(embeddings, p=2, dim=-1))
 
     @staticmethod

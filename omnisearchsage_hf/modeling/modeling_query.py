@@ -82,7 +82,10 @@ class OmniSearchSageQueryPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module):
         """Initialise the projection; backbone modules are dispatched to the backbone's own `_init_weights`."""
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if self.config.projection_init == "identity":
+                init.eye_(module.weight)  # (out_dim, hidden): keeps the first out_dim pooled dimensions
+            else:
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
 
