@@ -55,8 +55,10 @@ def hand_loss(queries, positives, negatives, hits, scale, positive_log_q=None, n
     queries, positives, negatives = queries.tolist(), positives.tolist(), negatives.tolist()
     total = 0.0
     for i, query in enumerate(queries):
+
         def dot(a, b):
             return sum(x * y for x, y in zip(a, b))
+
         logits = [scale * dot(query, positives[i]) - (positive_log_q[i] if positive_log_q is not None else 0.0)]
         for k, negative in enumerate(negatives):
             if (i, k) not in hits:

@@ -194,3 +194,23 @@ def test_kill_and_resume(tmp_path):
     assert resumed and int(resumed.group(1)) >= killed_at
     assert [e["step"] for e in _logged(output) if "loss" in e][-1] == 60
     _check_export(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+def test_pairs_from_any_format_with_cap(tmp_path, suffix):
+    import pandas as pd
+
+    from omnisearchsage_hf.training.data import load_pairs
+
+    frame = pd.DataFrame({"query": [f"q{i % 7}" for i in range(30)], "candidate_id": ["a"] * 25 + ["b"] * 5})
+    path = tmp_path / f"pairs{suffix}"
+    {
+        ".parquet": lambda: frame.to_parquet(path),
+        ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        ".csv": lambda: frame.to_csv(path, index=False),
+    }[suffix]()
+    pairs = load_pairs(path, {"a": 0, "b": 1}, task="t", max_per_candidate=10, seed=0)
+    assert np.bincount(pairs.candidates).tolist() == [10, 5]
+    assert len(set(pairs.query_ids.tolist())) == len(set(pairs.queries))
+    with pytest.raises(ValueError, match="not in the candidate table"):
+        load_pairs(path, {"a": 0}, task="t", max_per_candidate=None, seed=0)

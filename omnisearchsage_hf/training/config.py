@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-DataSource = Literal["files", "synthetic"]
+DataSource = Literal["files", "synthetic", "xquad_r", "amazon_pqa"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 # Paper §3.5: at most 50 training pairs per pin and 200 per product, so popular entities don't dominate.
 DEFAULT_POPULARITY_CAPS = {"pin": 50, "product": 200}
@@ -53,17 +53,23 @@ class DataConfig:
     """Where pairs and entities come from.
 
     Args:
-        source: ``files`` (paths given here) or ``synthetic`` (a generated world, see ``synthetic``; the
-            paths are then relative to ``<output_dir>/data``).
+        source: ``files`` (paths given here), or a source prepared under ``<output_dir>/data``, to which the
+            paths are then relative: ``synthetic`` (a generated world, see ``synthetic``), ``xquad_r`` or
+            ``amazon_pqa`` (real data sets read from ``root``, see ``xquad_r`` and ``amazon_pqa``).
         entities: Entity table name → file (parquet, jsonl or csv) with an ``id`` column.
         tasks: The tasks trained together.
         synthetic: ``SyntheticWorldConfig`` fields for ``source: synthetic``.
+        root: Folder of the real data sets, read in place (never copied into the repository).
+        options: Keyword options of the real source's table builder (``build_xquad_r_tables``,
+            ``build_epqa_tables``), e.g. ``{compat_encoder: <folder>}`` or ``{engaged_queries: false}``.
     """
 
     source: DataSource = "files"
     entities: dict[str, str] = field(default_factory=dict)
     tasks: list[TaskConfig] = field(default_factory=list)
     synthetic: dict[str, Any] = field(default_factory=dict)
+    root: str = "../shared/data"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,6 +85,9 @@ class ModelConfig:
         entity: ``OmniSearchSageEntityConfig`` fields (``text_fields``, ``dense_features``…).
         tokenizer: Folder of a saved entity tokenizer; None builds one from the training entities' text.
         vocab: ``build_vocab`` arguments when the tokenizer is built.
+        freeze_backbone_embeddings: Keep the query backbone's token embeddings fixed. A multilingual
+            vocabulary is most of the backbone's weights (96M of multilingual-e5-small's 118M), so this
+            makes each step several times cheaper and keeps rare tokens where pretraining put them.
     """
 
     backbone: str | None = None
@@ -88,6 +97,7 @@ class ModelConfig:
     entity: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     vocab: dict[str, Any] = field(default_factory=dict)
+    freeze_backbone_embeddings: bool = False
 
 
 @dataclass

@@ -210,7 +210,7 @@ class Trainer:
         def build_tokenizers() -> None:
             if not (tokenizer_dir / "entity").is_dir():
                 if model_config.tokenizer is not None:
-                    tokenizer = OmniSearchSageTokenizer.from_pretrained(model_config.tokenizer)
+                    tokenizer = OmniSearchSageTokenizer.from_pretrained(os.path.expanduser(model_config.tokenizer))
                 else:
                     fields = OmniSearchSageEntityConfig(**model_config.entity).text_fields
                     texts = (
@@ -236,7 +236,9 @@ class Trainer:
         )
         entity_tower.tokenizer = entity_tokenizer
         if model_config.backbone is not None:
-            query_tower = OmniSearchSageQueryModel.from_backbone(model_config.backbone, **model_config.query)
+            query_tower = OmniSearchSageQueryModel.from_backbone(
+                os.path.expanduser(model_config.backbone), **model_config.query
+            )
         else:
             query_tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir / "query")
             backbone = AutoConfig.for_model(**{**model_config.backbone_config, "vocab_size": len(query_tokenizer)})
@@ -244,6 +246,8 @@ class Trainer:
                 OmniSearchSageQueryConfig(backbone_config=backbone, **model_config.query)
             )
             query_tower.tokenizer = query_tokenizer
+        if model_config.freeze_backbone_embeddings:
+            query_tower.backbone.get_input_embeddings().weight.requires_grad_(False)
         return query_tower.train(), entity_tower.train()
 
     # ---- one step of data ------------------------------------------------------------------------
@@ -373,7 +377,7 @@ class Trainer:
         entity_lr = train.entity_learning_rate or train.learning_rate
         # (params, lr, weight decay): decaying the log logit scales would pull every scale towards 1.
         groups = [
-            (list(self.query_tower.parameters()), train.learning_rate, train.weight_decay),
+            ([p for p in self.query_tower.parameters() if p.requires_grad], train.learning_rate, train.weight_decay),
             (list(self.entity_tower.parameters()), entity_lr, train.weight_decay),
             (list(model.losses.parameters()), entity_lr, 0.0),
         ]

@@ -1,0 +1,208 @@
+"""Amazon ePQA as a training source and benchmark: real customer questions → the product they were asked about.
+
+ePQA (``amazon_pqa/ePQA/dev.csv``) holds 977 questions about 888 products; each row pairs a question
+with one evidence snippet of its product (``source`` ∈ description, bullet, attribute, cqa, review).
+It becomes OmniSearchSage's query→product task: the product catalogue is built from the snippets, and
+the gold candidate of a question is its product (ASIN). Questions are split by a fixed hash of their
+``qid`` (``md5 % 3 == 0`` is test: 304 of 977).
+
+Product fields (the entity tower's text fields):
+
+- ``title``, always.
+- ``description`` (the description snippets joined), ``bullet`` and ``attribute`` (lists): catalogue text.
+  The snippets were picked per question, so by default those picked for test questions are kept too (they
+  are the product's own text); ``test_question_snippets=False`` drops them for a leak-free ablation.
+- ``engaged_queries``: the product's *train* questions (the paper's engaged-queries enrichment), off with
+  ``engaged_queries=False``. A test question never appears in any product.
+- ``cqa`` and ``review`` snippets are never used, for any question: they are other customers' questions,
+  answers and reviews retrieved *for* a question, not catalogue text.
+
+References:
+    - Shen et al. 2023, xPQA: Cross-Lingual Product Question Answering in 12 Languages (describes ePQA):
+      https://arxiv.org/abs/2305.09249
+    - Data: github.com/amazon-science/contextual-product-qa (commit cec976cc), CDLA-Sharing-1.0: derived
+      data keeps that licence.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from ..evaluation import positive_ranks, recall_metrics
+
+TEXT_FIELDS = ("title", "description", "bullet", "attribute", "engaged_queries")
+CATALOGUE_SOURCES = ("description", "bullet", "attribute")
+Split = Literal["train", "test"]
+# `color:  { value:"white" }` → `color: white`; nested attribute values are kept verbatim.
+_SIMPLE_ATTRIBUTE = re.compile(r'^\s*([^:{}]+?):\s*\{\s*value:"?([^{}"]*)"?\s*\}\s*$')
+
+
+def epqa_split(qid: int | str) -> Split:
+    """``"test"`` when ``int(md5(str(qid)), 16) % 3 == 0``, else ``"train"``: stable across runs and machines."""
+    return "test" if int(hashlib.md5(str(qid).encode()).hexdigest(), 16) % 3 == 0 else "train"
+
+
+def attribute_text(snippet: str) -> str:
+    """A flat ``name: value`` for a one-value attribute (``'color:  { value:"white" }'`` → ``'color: white'``)."""
+    match = _SIMPLE_ATTRIBUTE.match(snippet)
+    return f"{match.group(1).replace('_', ' ')}: {match.group(2).strip()}" if match else snippet.strip()
+
+
+@dataclass
+class EPQA:
+    """ePQA read into rows.
+
+    Attributes:
+        questions: ``qid`` (str), ``question``, ``asin`` and ``split``, one per question, in file order.
+        products: Entity rows: ``id`` (the ASIN) and the text fields (see the module docstring); a
+            missing ``description`` is None, empty lists stay empty.
+    """
+
+    questions: list[dict[str, str]]
+    products: list[dict[str, Any]]
+
+
+def load_epqa(root: str | Path, *, engaged_queries: bool = True, test_question_snippets: bool = True) -> EPQA:
+    """Read ``<root>/amazon_pqa/ePQA/dev.csv`` into questions and a product table.
+
+    Args:
+        root: Folder of the real data sets (holds ``amazon_pqa/``).
+        engaged_queries: Give each product its train questions as ``engaged_queries``.
+        test_question_snippets: Keep the description/bullet/attribute snippets picked for test questions.
+    """
+    path = Path(root) / "amazon_pqa" / "ePQA" / "dev.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"ePQA file {str(path)!r} is missing; `root` should hold `amazon_pqa/ePQA/`.")
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    questions: dict[str, dict[str, str]] = {}
+    products: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        qid, asin = row["qid"], row["ASIN"]
+        question = questions.setdefault(
+            qid, {"qid": qid, "question": row["question"], "asin": asin, "split": epqa_split(qid)}
+        )
+        product = products.setdefault(asin, {"id": asin, "title": row["title"], **{s: {} for s in CATALOGUE_SOURCES}})
+        if question["asin"] != asin or product["title"] != row["title"]:
+            raise ValueError(f"{path}: question {qid} or product {asin} is inconsistent across rows.")
+        snippet = row["candidate"].strip()
+        if row["source"] in CATALOGUE_SOURCES and snippet and (test_question_snippets or question["split"] == "train"):
+            text = attribute_text(snippet) if row["source"] == "attribute" else snippet
+            product[row["source"]][text] = None  # a dict keeps first-seen order without duplicates
+    for product in products.values():
+        description = list(product.pop("description"))
+        product["description"] = " ".join(description) if description else None
+        product["bullet"], product["attribute"] = list(product["bullet"]), list(product["attribute"])
+        if engaged_queries:
+            product["engaged_queries"] = []
+    if engaged_queries:
+        for question in questions.values():
+            if question["split"] == "train":
+                products[question["asin"]]["engaged_queries"].append(question["question"])
+    return EPQA(list(questions.values()), list(products.values()))
+
+
+def build_epqa_tables(
+    root: str | Path, *, engaged_queries: bool = True, test_question_snippets: bool = True
+) -> dict[str, pa.Table]:
+    """The entity table and pair files of the ``amazon_pqa`` source (``data.options`` are these keywords).
+
+    Returns:
+        ``products.parquet`` (``id`` and the text fields of ``load_epqa``) and
+        ``pairs/query_product_{train,test}.parquet`` (``query``, ``candidate_id`` = ASIN, ``question_id``),
+        one row per question.
+
+    Example:
+        ::
+
+            tables = build_epqa_tables("../shared/data")
+            {name: table.num_rows for name, table in tables.items()}
+            # {'products.parquet': 888, 'pairs/query_product_train.parquet': 673,
+            #  'pairs/query_product_test.parquet': 304}
+    """
+    data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
+    list_type = pa.list_(pa.string())
+    fields = [("id", pa.string()), ("title", pa.string()), ("description", pa.string())]
+    fields += [("bullet", list_type), ("attribute", list_type)]
+    fields += [("engaged_queries", list_type)] if engaged_queries else []
+    tables = {"products.parquet": pa.Table.from_pylist(data.products, schema=pa.schema(fields))}
+    for split in ("train", "test"):
+        tables[f"pairs/query_product_{split}.parquet"] = pa.Table.from_pylist(
+            [
+                {"query": q["question"], "candidate_id": q["asin"], "question_id": q["qid"]}
+                for q in data.questions
+                if q["split"] == split
+            ]
+        )
+    return tables
+
+
+def evaluate_epqa(
+    query_encoder: Callable[[list[str]], np.ndarray],
+    product_encoder: Callable[[list[dict[str, Any]]], np.ndarray],
+    root: str | Path,
+    *,
+    engaged_queries: bool = True,
+    test_question_snippets: bool = True,
+    split: Split = "test",
+    ks: Sequence[int] = (1, 10, 100),
+    name: str = "epqa",
+) -> dict[str, float]:
+    """Recall@K and MRR of question → product retrieval over the whole 888-product catalogue.
+
+    Each question of ``split`` is ranked against every product by exact dot product; its one relevant
+    product is its ASIN (ties count against it). Products are built as for training, with the same
+    options, so pass those the towers were trained with. With ``split="train"`` a product's engaged
+    queries contain the query itself, which makes the figure an optimistic sanity check only.
+
+    Args:
+        query_encoder: ``list[str] → (n, dim)`` array, e.g. ``query_tower.encode``.
+        product_encoder: ``list[dict] → (n, dim)`` array of product dicts holding ``id`` and the text
+            fields (``engaged_queries`` only when enabled; None values left out).
+        root: Folder of the real data sets (holds ``amazon_pqa/``).
+        engaged_queries, test_question_snippets: As in ``load_epqa``.
+        split: The questions used as queries.
+        ks: The K of each Recall@K.
+        name: Prefix of the metric keys.
+
+    Returns:
+        ``{name}_recall@{k}`` for each k and ``{name}_mrr``.
+
+    Example:
+        ::
+
+            evaluate_epqa(query_tower.encode, entity_tower.encode, "../shared/data")["epqa_recall@10"]
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+    data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
+    entities = [{key: value for key, value in product.items() if value is not None} for product in data.products]
+    corpus = np.asarray(product_encoder(entities), np.float32)  # (num_products, dim)
+    questions = [q for q in data.questions if q["split"] == split]
+    queries = np.asarray(query_encoder([q["question"] for q in questions]), np.float32)  # (num_questions, dim)
+    row_of = {product["id"]: i for i, product in enumerate(data.products)}
+    gold = np.array([row_of[q["asin"]] for q in questions])  # (num_questions,)
+    excluded = np.stack([np.arange(len(questions)), gold], axis=1)  # the positive is not its own negative
+    ranks = positive_ranks(queries, corpus[gold], corpus, excluded=excluded)
+    return recall_metrics(ranks, ks, f"{name}_" if name else "")
+
+
+__all__ = [
+    "CATALOGUE_SOURCES",
+    "EPQA",
+    "TEXT_FIELDS",
+    "attribute_text",
+    "build_epqa_tables",
+    "epqa_split",
+    "evaluate_epqa",
+    "load_epqa",
+]
