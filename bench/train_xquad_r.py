@@ -73,22 +73,25 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     RESULTS.mkdir(exist_ok=True)
     config = load_config(CONFIG)
-    seconds = None
-    if not args.skip_training:
+    if args.skip_training:
+        previous = RESULTS / "xquad_r_train.json"
+        seconds = json.loads(previous.read_text()).get("training_seconds") if previous.is_file() else None
+    else:
         seconds = run_training(args.output_dir, extra, RESULTS / "xquad_r_train.log")
 
     output = Path(args.output_dir)
     query_tower = AutoModel.from_pretrained(output / "query_tower")
     entity_tower = AutoModel.from_pretrained(output / "entity_tower")
     root = ROOT / config.data.root
-    ours = evaluate_xquad(
-        lambda q: query_tower.encode(q, batch_size=128), lambda rows: entity_tower.encode(rows, batch_size=256), root
-    )
-
-    # The run's data folder already holds every sentence's zero-shot e5 passage embedding (the compatibility
-    # feature: "passage: " prefix, mean pooling, 128 tokens, normalised), so only the queries are encoded here.
+    # The run's data folder holds every sentence's zero-shot e5 passage embedding ("passage: " prefix, mean
+    # pooling, 128 tokens, normalised): a feature of the entity tower, and the zero-shot baseline's passages.
     sentences = read_table(output / "data" / "sentences.parquet")
     passage = dict(zip(sentences["id"], np.asarray(sentences["e5_embedding"], dtype=np.float32)))
+    ours = evaluate_xquad(
+        lambda q: query_tower.encode(q, batch_size=128),
+        lambda rows: entity_tower.encode([{**r, "e5_embedding": passage[r["id"]]} for r in rows], batch_size=256),
+        root,
+    )
     e5 = SentenceTransformer(str(Path(config.model.backbone).expanduser()), device="cpu")
     zero_shot = evaluate_xquad(
         lambda q: e5.encode(["query: " + x for x in q], batch_size=128, normalize_embeddings=True),

@@ -214,3 +214,31 @@ def test_pairs_from_any_format_with_cap(tmp_path, suffix):
     assert len(set(pairs.query_ids.tolist())) == len(set(pairs.queries))
     with pytest.raises(ValueError, match="not in the candidate table"):
         load_pairs(path, {"a": 0}, task="t", max_per_candidate=None, seed=0)
+
+
+def test_bf16_with_gradient_accumulation(tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "training" / "train.py"),
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(tmp_path),
+        "--train.max_steps",
+        "6",
+        "--train.mixed_precision",
+        "bf16",
+        "--train.gradient_accumulation_steps",
+        "2",
+        "--train.eval_every",
+        "0",
+        "--train.save_every",
+        "0",
+        "--train.log_every",
+        "3",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    losses = [e["loss"] for e in _logged(result.stdout + result.stderr) if "loss" in e]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    _check_export(tmp_path)
