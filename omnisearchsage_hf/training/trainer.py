@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
@@ -146,9 +146,12 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         train = config.train
+        # Without an entity task the entity tower gets no gradient, which DDP rejects unless told to expect it.
+        uses_entity_tower = any(task.candidate.startswith("entity:") for task in config.data.tasks)
         self.accelerator = Accelerator(
             # Accelerate only picks gloo multi-process training on CPU when told the run is a CPU run.
             cpu=not _has_accelerator(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not uses_entity_tower)],
             mixed_precision=train.mixed_precision,
             log_with="tensorboard",
             project_dir=str(self.output_dir),
