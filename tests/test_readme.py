@@ -16,7 +16,7 @@ def test_readme_snippets_run(tiny_backbone_dir, tmp_path, monkeypatch):
     for block in blocks:
         # Offline: the Hub backbone is swapped for a tiny local one with the same kind of folder.
         code = block.replace(HUB_BACKBONE, repr(str(tiny_backbone_dir)))
-        expected = [c for c in re.findall(r"^print\(.*\)  # (.*)$", block, flags=re.M) if c[0] in "(["]
+        expected = [c for c in re.findall(r"^print\(.*\)  # (.*)$", block, flags=re.M) if c[0] in "([{"]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(code, str(README), "exec"), {})
