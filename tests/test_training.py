@@ -128,6 +128,19 @@ def _check_export(output_dir: Path) -> None:
     assert q.shape == e.shape == (1, 64) and np.isfinite(q).all() and np.isfinite(e).all()
 
 
+def _train_command(output_dir: Path, *overrides: str) -> list[str]:
+    """``python training/train.py`` on the tiny config, as a user would run it, with overrides."""
+    return [
+        sys.executable,
+        str(ROOT / "training" / "train.py"),
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]
+
+
 def _env() -> dict:
     return {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -160,20 +173,7 @@ def test_two_process_tiny_run(tmp_path):
 
 
 def test_kill_and_resume(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "training" / "train.py"),
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(tmp_path),
-        "--train.max_steps",
-        "60",
-        "--train.save_every",
-        "10",
-        "--train.eval_every",
-        "0",
-    ]
+    command = _train_command(tmp_path, "--train.max_steps", "60", "--train.save_every", "10", "--train.eval_every", "0")
     first = subprocess.Popen(
         command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -217,13 +217,8 @@ def test_pairs_from_any_format_with_cap(tmp_path, suffix):
 
 
 def test_bf16_with_gradient_accumulation(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "training" / "train.py"),
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(tmp_path),
+    command = _train_command(
+        tmp_path,
         "--train.max_steps",
         "6",
         "--train.mixed_precision",
@@ -236,7 +231,7 @@ def test_bf16_with_gradient_accumulation(tmp_path):
         "0",
         "--train.log_every",
         "3",
-    ]
+    )
     result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     losses = [e["loss"] for e in _logged(result.stdout + result.stderr) if "loss" in e]
