@@ -1,0 +1,168 @@
+"""Synthetic captions with a tiny random BLIP loaded by folder: batching, selection, and the hash-keyed cache."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+from omnisearchsage_hf.enrichment import CaptionCache, CaptionConfig, build_captioner, caption_entities
+from omnisearchsage_hf.enrichment import captions as captions_module
+
+CAPTION_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "a photo of red dress kitchen lamp wall art".split()
+
+
+def build_tiny_blip(folder: Path) -> Path:
+    """Save a randomly initialised BLIP captioner and its processor to ``folder``, as a Hub model is laid out."""
+    (folder / "vocab").mkdir(parents=True, exist_ok=True)
+    vocab_file = folder / "vocab" / "vocab.txt"
+    vocab_file.write_text("\n".join(CAPTION_VOCAB) + "\n")
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=BertTokenizer(str(vocab_file)),
+    )
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    config = BlipConfig(
+        text_config={
+            **small,
+            "vocab_size": len(CAPTION_VOCAB),
+            "max_position_embeddings": 64,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+            "sep_token_id": 3,
+            "pad_token_id": 0,
+        },
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> str:
+    return str(build_tiny_blip(tmp_path_factory.mktemp("blip")))
+
+
+@pytest.fixture
+def count_generate(monkeypatch) -> dict[str, int]:
+    """Counts the model's generate calls and the images they caption (the model's real work)."""
+    calls = {"calls": 0, "images": 0}
+    original = BlipForConditionalGeneration.generate
+
+    def counting(self, pixel_values=None, *args, **kwargs):
+        calls["calls"] += 1
+        calls["images"] += pixel_values.shape[0]
+        return original(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", counting)
+    return calls
+
+
+def write_image(path: Path, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24 + seed, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def entities(tmp_path) -> pa.Table:
+    images = [write_image(tmp_path / f"img{i}.png", i) for i in range(4)]
+    shared = tmp_path / "copy_of_img2.png"
+    shared.write_bytes(Path(images[2]).read_bytes())  # same bytes, another path: captioned once
+    return pa.table(
+        {
+            "id": ["p0", "p1", "p2", "p3", "p4", "p5"],
+            "title": ["Red dress", None, None, "  ", None, None],
+            "description": [None, "A kitchen lamp", None, None, "", None],
+            "image": [images[0], images[1], images[2], images[3], str(shared), None],
+        }
+    )
+
+
+def test_captions_only_entities_without_text_and_batches_the_model(tiny_blip, entities, tmp_path, count_generate):
+    config = CaptionConfig(model=tiny_blip, batch_size=2, max_new_tokens=6)
+    captions = caption_entities(entities, config=config, cache_dir=tmp_path / "cache").to_pylist()
+    # p0 and p1 have text, p5 has no image; p2 and p4 share image bytes; p3's blank title counts as missing.
+    assert [c is not None for c in captions] == [False, False, True, True, True, False]
+    assert all(isinstance(c, str) and c for c in captions if c is not None)
+    assert captions[2] == captions[4]
+    assert count_generate == {"calls": 1, "images": 2}  # img2 and img3, in one batch of 2
+
+    # The captions are exactly what the same pipeline says for these images.
+    pipe = build_captioner(config)
+    direct = pipe(images=[Image.open(entities["image"][3].as_py()).convert("RGB")], text=[""], max_new_tokens=6)
+    assert captions[3] == direct[0]["generated_text"].strip()
+
+    everything = caption_entities(
+        entities,
+        config=CaptionConfig(model=tiny_blip, max_new_tokens=6, only_missing_text=False),
+        cache_dir=tmp_path / "cache",
+    ).to_pylist()
+    assert [c is not None for c in everything] == [True] * 5 + [False]
+    assert everything[2:5] == captions[2:5]
+
+
+def test_a_rerun_uses_the_cache_and_never_loads_the_model(tiny_blip, entities, tmp_path, count_generate, monkeypatch):
+    config = CaptionConfig(model=tiny_blip, batch_size=1, max_new_tokens=6)
+    first = caption_entities(entities, config=config, cache_dir=tmp_path / "cache").to_pylist()
+    assert count_generate["images"] == 2
+    assert len(list((tmp_path / "cache").glob("captions-*.parquet"))) == 1  # one shard per batch, compacted
+
+    builds = []
+    monkeypatch.setattr(captions_module, "build_captioner", lambda config: builds.append(config))
+    again = caption_entities(entities, config=config, cache_dir=tmp_path / "cache").to_pylist()
+    assert again == first
+    assert count_generate["images"] == 2 and builds == []  # nothing generated, no model even loaded
+
+    # Another prompt is another captioner: its captions are not taken from the cache.
+    monkeypatch.undo()
+    reprompted = CaptionConfig(model=tiny_blip, batch_size=1, max_new_tokens=6, prompt="a photo of")
+    assert len(CaptionCache(tmp_path / "cache", reprompted.captioner_key())) == 0
+    assert len(CaptionCache(tmp_path / "cache", config.captioner_key())) == 2
+
+
+def test_a_crashed_run_resumes_where_it_stopped(tiny_blip, entities, tmp_path, monkeypatch):
+    calls = []
+    original = BlipForConditionalGeneration.generate
+
+    def crash_on_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", crash_on_second)
+    config = CaptionConfig(model=tiny_blip, batch_size=1, max_new_tokens=6)
+    with pytest.raises(RuntimeError, match="killed"):
+        caption_entities(entities, config=config, cache_dir=tmp_path / "cache")
+    assert len(CaptionCache(tmp_path / "cache", config.captioner_key())) == 1  # the first batch was saved
+
+    calls.clear()
+    resumed = caption_entities(entities, config=config, cache_dir=tmp_path / "cache").to_pylist()
+    assert len(calls) == 1  # only the image the crashed run had not finished
+    monkeypatch.undo()
+    fresh = caption_entities(entities, config=config, cache_dir=tmp_path / "fresh_cache").to_pylist()
+    assert resumed == fresh
+
+
+def test_unreadable_images_raise_or_are_skipped(tiny_blip, entities, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    table = entities.set_column(3, "image", pa.array([None, None, str(broken), str(tmp_path / "gone.png"), None, None]))
+    with pytest.raises(OSError, match=r"broken\.png.*on_error='skip'"):
+        caption_entities(table, config=CaptionConfig(model=tiny_blip), cache_dir=tmp_path / "cache")
+    skipped = caption_entities(
+        table, config=CaptionConfig(model=tiny_blip, on_error="skip"), cache_dir=tmp_path / "cache"
+    ).to_pylist()
+    assert skipped == [None] * 6
+    with pytest.raises(ValueError, match="no image column 'picture'"):
+        caption_entities(entities, config=CaptionConfig(image_column="picture"), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="batch_size"):
+        CaptionConfig(batch_size=0)
