@@ -26,6 +26,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel
 
+from omnisearchsage_hf.evaluation.scoring import DenseScorer
 from omnisearchsage_hf.training.config import load_config
 from omnisearchsage_hf.training.data import read_table
 from omnisearchsage_hf.training.xquad_r import LANGUAGES, evaluate_xquad
@@ -88,14 +89,18 @@ def main() -> None:
     sentences = read_table(output / "data" / "sentences.parquet")
     passage = dict(zip(sentences["id"], np.asarray(sentences["e5_embedding"], dtype=np.float32)))
     ours = evaluate_xquad(
-        lambda q: query_tower.encode(q, batch_size=128),
-        lambda rows: entity_tower.encode([{**r, "e5_embedding": passage[r["id"]]} for r in rows], batch_size=256),
+        DenseScorer(
+            lambda q: query_tower.encode(q, batch_size=128),
+            lambda rows: entity_tower.encode([{**r, "e5_embedding": passage[r["id"]]} for r in rows], batch_size=256),
+        ),
         root,
     )
     e5 = SentenceTransformer(str(Path(config.model.backbone).expanduser()), device="cpu")
     zero_shot = evaluate_xquad(
-        lambda q: e5.encode(["query: " + x for x in q], batch_size=128, normalize_embeddings=True),
-        lambda rows: np.stack([passage[r["id"]] for r in rows]),
+        DenseScorer(
+            lambda q: e5.encode(["query: " + x for x in q], batch_size=128, normalize_embeddings=True),
+            lambda rows: np.stack([passage[r["id"]] for r in rows]),
+        ),
         root,
     )
     results = {

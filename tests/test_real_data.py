@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from omnisearchsage_hf.evaluation.baselines import passage_embeddings
+from omnisearchsage_hf.evaluation.scoring import DenseScorer
 from omnisearchsage_hf.training import xquad_r
 from omnisearchsage_hf.training.amazon_pqa import (
     attribute_text,
@@ -157,15 +159,18 @@ def test_translation_pairs_join_one_question_in_two_languages(xquad, xquad_table
 def test_ranks_of_relevant_count_other_relevant_rows_and_ties_against():
     queries = np.array([[1.0, 0.0]])
     corpus = np.array([[1.0, 0.0], [0.9, 0.1], [0.9, 0.0], [0.0, 1.0]])
-    ranks = ranks_of_relevant(queries, corpus, np.array([[0, 2, 3]]))
+    scores = queries @ corpus.T
+    ranks = ranks_of_relevant(scores, np.array([[0, 2, 3]]))
     np.testing.assert_array_equal(ranks, [[0, 2, 3]])  # rows 1 and 2 tie at 0.9: the tie counts against
-    np.testing.assert_array_equal(ranks_of_relevant(queries, corpus, np.array([[2]]), ignored=[[0, 1]]), [[0]])
+    np.testing.assert_array_equal(ranks_of_relevant(scores, np.array([[2]]), ignored=[[0, 1]]), [[0]])
     # Relevant rows tied with each other take consecutive ranks instead of all counting each other.
-    np.testing.assert_array_equal(ranks_of_relevant(queries, corpus, np.array([[3, 1, 2]])), [[3, 1, 2]])
+    np.testing.assert_array_equal(ranks_of_relevant(scores, np.array([[3, 1, 2]])), [[3, 1, 2]])
 
 
 def test_evaluate_xquad_with_a_character_hashing_encoder_is_sane():
-    metrics = evaluate_xquad(hashing_encoder, lambda rows: hashing_encoder([r["sentence"] for r in rows]), ROOT)
+    metrics = evaluate_xquad(
+        DenseScorer(hashing_encoder, lambda rows: hashing_encoder([r["sentence"] for r in rows])), ROOT
+    )
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     for language in LANGUAGES:
         recalls = [metrics[f"xquad_r_{language}_recall@{k}"] for k in (1, 10, 100)]
@@ -196,8 +201,10 @@ def test_evaluate_xquad_with_an_oracle_encoder_is_perfect(xquad):
         return out
 
     metrics = evaluate_xquad(
-        lambda texts: one_hots([ids_of_text[t] for t in texts]),
-        lambda rows: one_hots([ids_of_sentence[r["id"]] for r in rows]),
+        DenseScorer(
+            lambda texts: one_hots([ids_of_text[t] for t in texts]),
+            lambda rows: one_hots([ids_of_sentence[r["id"]] for r in rows]),
+        ),
         ROOT,
         languages=languages,
     )
@@ -228,6 +235,22 @@ def test_compat_column_is_the_mean_pooled_normalised_passage_embedding(tiny_back
     monkeypatch.setattr("sentence_transformers.SentenceTransformer", None)
     again = build_xquad_r_tables(ROOT, **kwargs, show_progress_bar=False)["sentences.parquet"]
     assert again.equals(sentences)
+
+
+def test_context_column_is_the_paragraph_passage_embedding(tiny_backbone_dir, tmp_path):
+    kwargs = {"languages": ["en"], "compat_encoder": str(tiny_backbone_dir), "cache_dir": tmp_path}
+    sentences = build_xquad_r_tables(
+        ROOT, **kwargs, context_feature="e5_context", context_max_length=128, show_progress_bar=False
+    )["sentences.parquet"].to_pylist()
+    by_context = collections.defaultdict(set)
+    for row in sentences:
+        by_context[row["context"]].add(tuple(row["e5_context"]))
+    assert len(by_context) == 240 and all(len(vectors) == 1 for vectors in by_context.values())
+    first = sentences[0]
+    expected = passage_embeddings([first["context"]], tiny_backbone_dir, max_length=128, show_progress_bar=False)
+    np.testing.assert_allclose(first["e5_context"], expected[0], atol=1e-5)
+    with pytest.raises(ValueError, match="compat_encoder"):
+        build_xquad_r_tables(ROOT, languages=["en"], context_feature="e5_context")
 
 
 # ---- Amazon ePQA ---------------------------------------------------------------------------------
@@ -300,7 +323,7 @@ def test_evaluate_epqa_with_hashing_and_oracle_encoders():
     def product_text(rows):
         return hashing_encoder([" ".join(_product_texts(row)) for row in rows])
 
-    metrics = evaluate_epqa(hashing_encoder, product_text, ROOT)
+    metrics = evaluate_epqa(DenseScorer(hashing_encoder, product_text), ROOT)
     assert set(metrics) == {"epqa_recall@1", "epqa_recall@10", "epqa_recall@100", "epqa_mrr"}
     assert 10 / 888 < metrics["epqa_recall@10"] <= metrics["epqa_recall@100"] <= 1.0
     data = load_epqa(ROOT)
@@ -308,7 +331,10 @@ def test_evaluate_epqa_with_hashing_and_oracle_encoders():
     column = {p["id"]: i for i, p in enumerate(data.products)}
     eye = np.eye(len(column), dtype=np.float32)
     oracle = evaluate_epqa(
-        lambda texts: eye[[column[asin_of[t]] for t in texts]], lambda rows: eye[[column[r["id"]] for r in rows]], ROOT
+        DenseScorer(
+            lambda texts: eye[[column[asin_of[t]] for t in texts]], lambda rows: eye[[column[r["id"]] for r in rows]]
+        ),
+        ROOT,
     )
     assert oracle["epqa_recall@1"] == oracle["epqa_mrr"] == 1.0
 

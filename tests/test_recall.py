@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from omnisearchsage_hf.evaluation import RecallEvaluator, positive_ranks, recall_metrics
+from omnisearchsage_hf.evaluation import RecallEvaluator, positive_ranks, ranks_from_scores, recall_metrics
+from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer
 
 
 def brute_force_ranks(queries, positives, corpus, excluded=()):
@@ -76,3 +77,48 @@ def test_evaluator_end_to_end_with_groups_and_engaged_exclusion():
 def test_evaluator_rejects_unknown_candidates():
     with pytest.raises(ValueError, match="not among"):
         RecallEvaluator([("q", "missing")], {"a": 1})
+
+
+def test_ranks_from_scores_match_brute_force_with_ties_and_exclusions():
+    rng = np.random.default_rng(1)
+    queries = rng.integers(-2, 3, size=(40, 4)).astype(np.float32)
+    corpus = rng.integers(-2, 3, size=(60, 4)).astype(np.float32)
+    gold = rng.integers(0, 60, 40)
+    excluded = np.stack([rng.integers(0, 40, 30), rng.integers(0, 60, 30)], axis=1)
+    # The positive is a corpus column here: it never counts against itself, whatever `excluded` says.
+    expected = brute_force_ranks(queries, corpus[gold], corpus, [*excluded, *zip(range(40), gold)])
+    assert np.array_equal(ranks_from_scores(queries @ corpus.T, gold, excluded=excluded), expected)
+
+
+def test_ranks_from_scores_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="positives"):
+        ranks_from_scores(np.zeros((3, 5)), np.zeros(4, dtype=int))
+
+
+def test_dense_scorer_encodes_each_corpus_row_and_query_once():
+    calls = []
+
+    def corpus_encoder(rows):
+        calls.append([row["id"] for row in rows])
+        return np.array([[float(row["x"]), 1.0] for row in rows])
+
+    def query_encoder(texts):
+        calls.append(list(texts))
+        return np.array([[float(t), 0.0] for t in texts])
+
+    scorer = DenseScorer(query_encoder, corpus_encoder)
+    rows = [{"id": "a", "x": 1}, {"id": "b", "x": 3}]
+    np.testing.assert_allclose(scorer(["2"], rows), [[2.0, 6.0]])
+    np.testing.assert_allclose(scorer(["1", "2", "1"], [rows[1], {"id": "c", "x": -1}]), [[3, -1], [6, -2], [3, -1]])
+    assert calls == [["a", "b"], ["2"], ["c"], ["1"]]
+
+
+def test_bm25_scorer_ranks_by_term_overlap_and_reindexes_new_corpora():
+    scorer = BM25Scorer(lambda row: row["text"])
+    rows = [{"id": "0", "text": "copper bathroom sink"}, {"id": "1", "text": "red summer dress"}]
+    rows += [{"id": "2", "text": "copper pot"}, {"id": "3", "text": "linen shirt"}]
+    scores = scorer(["copper sink", "dress", "zebra", "the"], rows)
+    assert scores.shape == (4, 4) and scores.dtype == np.float32
+    assert scores[0].argmax() == 0 and scores[0, 2] > 0 == scores[0, 1] == scores[0, 3]
+    assert scores[1].argmax() == 1 and not scores[2].any() and not scores[3].any()  # unseen word, stopword
+    assert scorer(["copper"], rows[:1]).shape == (1, 1)

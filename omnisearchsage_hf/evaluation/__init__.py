@@ -1,5 +1,5 @@
 """Evaluation: exact Recall@K / MRR of (query, engaged entity) pairs against sampled corpora."""
 
-from .recall import RecallEvaluator, positive_ranks, recall_metrics
+from .recall import RecallEvaluator, positive_ranks, ranks_from_scores, recall_metrics
 
-__all__ = ["RecallEvaluator", "positive_ranks", "recall_metrics"]
+__all__ = ["RecallEvaluator", "positive_ranks", "ranks_from_scores", "recall_metrics"]

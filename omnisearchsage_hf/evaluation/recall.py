@@ -66,6 +66,39 @@ def positive_ranks(
     return ranks.numpy()
 
 
+def ranks_from_scores(
+    scores: np.ndarray | torch.Tensor, positives: np.ndarray, *, excluded: np.ndarray | None = None
+) -> np.ndarray:
+    """0-based rank of each query's positive column in a precomputed score matrix (ties count against it).
+
+    The scorer-agnostic twin of ``positive_ranks`` for retrievers that are not a dot product (BM25) or
+    for corpora small enough to score whole: a query's rank is the number of other, non-excluded columns
+    scoring at least as high as its positive.
+
+    Args:
+        scores: ``(num_queries, corpus_size)``.
+        positives: ``(num_queries,)`` column of each query's positive.
+        excluded: Optional ``(num_excluded, 2)`` ``(query index, column)`` rows that do not count against
+            the query (another answer it also engaged with).
+
+    Returns:
+        ``(num_queries,)`` int64 ranks.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    positives = torch.as_tensor(np.asarray(positives), dtype=torch.long)
+    if scores.ndim != 2 or positives.shape != (len(scores),):
+        raise ValueError(
+            f"Expected scores (num_queries, corpus_size) and positives (num_queries,); got {tuple(scores.shape)} "
+            f"and {tuple(positives.shape)}."
+        )
+    above = scores >= scores.gather(1, positives[:, None])  # (num_queries, corpus_size)
+    above[torch.arange(len(scores)), positives] = False
+    if excluded is not None and len(excluded):
+        excluded = torch.as_tensor(np.asarray(excluded), dtype=torch.long)
+        above[excluded[:, 0], excluded[:, 1]] = False
+    return above.sum(-1).numpy()
+
+
 def recall_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 10, 100), prefix: str = "") -> dict[str, float]:
     """``{prefix}recall@k`` for each k and ``{prefix}mrr`` from 0-based ranks."""
     ranks = np.asarray(ranks)
@@ -162,4 +195,4 @@ class RecallEvaluator:
         return metrics
 
 
-__all__ = ["RecallEvaluator", "positive_ranks", "recall_metrics"]
+__all__ = ["RecallEvaluator", "positive_ranks", "ranks_from_scores", "recall_metrics"]

@@ -12,8 +12,9 @@ Product fields (the entity tower's text fields):
 - ``description`` (the description snippets joined), ``bullet`` and ``attribute`` (lists): catalogue text.
   The snippets were picked per question, so by default those picked for test questions are kept too (they
   are the product's own text); ``test_question_snippets=False`` drops them for a leak-free ablation.
-- ``engaged_queries``: the product's *train* questions (the paper's engaged-queries enrichment), off with
-  ``engaged_queries=False``. A test question never appears in any product.
+- ``engaged_queries``: the product's *train* questions (the paper's engaged-queries enrichment, computed by
+  ``omnisearchsage_hf.enrichment.engaged_queries_from_pairs``: each question one engagement, top 20), off
+  with ``engaged_queries=False``. A test question never appears in any product.
 - ``cqa`` and ``review`` snippets are never used, for any question: they are other customers' questions,
   answers and reviews retrieved *for* a question, not catalogue text.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +38,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from ..evaluation import positive_ranks, recall_metrics
+from ..enrichment import engaged_queries_from_pairs
+from ..evaluation import ranks_from_scores, recall_metrics
+from ..evaluation.baselines import passage_embeddings
+from ..evaluation.scoring import Scorer
 
 TEXT_FIELDS = ("title", "description", "bullet", "attribute", "engaged_queries")
 CATALOGUE_SOURCES = ("description", "bullet", "attribute")
+CATALOGUE_FIELDS = ("title", *CATALOGUE_SOURCES)  # a product's own text, without engaged queries
 Split = Literal["train", "test"]
 # `color:  { value:"white" }` → `color: white`; nested attribute values are kept verbatim.
 _SIMPLE_ATTRIBUTE = re.compile(r'^\s*([^:{}]+?):\s*\{\s*value:"?([^{}"]*)"?\s*\}\s*$')
@@ -102,19 +107,36 @@ def load_epqa(root: str | Path, *, engaged_queries: bool = True, test_question_s
         description = list(product.pop("description"))
         product["description"] = " ".join(description) if description else None
         product["bullet"], product["attribute"] = list(product["bullet"]), list(product["attribute"])
-        if engaged_queries:
-            product["engaged_queries"] = []
     if engaged_queries:
-        for question in questions.values():
-            if question["split"] == "train":
-                products[question["asin"]]["engaged_queries"].append(question["question"])
+        train = ((q["asin"], q["question"]) for q in questions.values() if q["split"] == "train")
+        top = engaged_queries_from_pairs(train)
+        for product in products.values():
+            product["engaged_queries"] = top.get(product["id"], [])
     return EPQA(list(questions.values()), list(products.values()))
 
 
 def build_epqa_tables(
-    root: str | Path, *, engaged_queries: bool = True, test_question_snippets: bool = True
+    root: str | Path,
+    *,
+    engaged_queries: bool = True,
+    test_question_snippets: bool = True,
+    compat_encoder: str | None = None,
+    compat_feature: str = "text_embedding",
+    compat_prefix: str = "",
+    compat_max_length: int = 256,
+    cache_dir: str | Path | None = None,
+    show_progress_bar: bool = True,
 ) -> dict[str, pa.Table]:
     """The entity table and pair files of the ``amazon_pqa`` source (``data.options`` are these keywords).
+
+    Args:
+        root: Folder of the real data sets (holds ``amazon_pqa/``).
+        engaged_queries, test_question_snippets: As in ``load_epqa``.
+        compat_encoder: Local encoder folder for a pre-existing ``compat_feature`` column (the zero-shot
+            embedding of ``compat_prefix + product_text(product, CATALOGUE_FIELDS)``, catalogue text only),
+            or None for no such column.
+        compat_max_length: Token limit of that encoder.
+        cache_dir, show_progress_bar: As in ``passage_embeddings``.
 
     Returns:
         ``products.parquet`` (``id`` and the text fields of ``load_epqa``) and
@@ -134,7 +156,18 @@ def build_epqa_tables(
     fields = [("id", pa.string()), ("title", pa.string()), ("description", pa.string())]
     fields += [("bullet", list_type), ("attribute", list_type)]
     fields += [("engaged_queries", list_type)] if engaged_queries else []
-    tables = {"products.parquet": pa.Table.from_pylist(data.products, schema=pa.schema(fields))}
+    products = pa.Table.from_pylist(data.products, schema=pa.schema(fields))
+    if compat_encoder is not None:
+        embeddings = passage_embeddings(
+            [product_text(product, CATALOGUE_FIELDS) for product in data.products],
+            compat_encoder,
+            prefix=compat_prefix,
+            max_length=compat_max_length,
+            cache_dir=cache_dir,
+            show_progress_bar=show_progress_bar,
+        )
+        products = products.append_column(compat_feature, pa.array(list(embeddings), type=pa.list_(pa.float32())))
+    tables = {"products.parquet": products}
     for split in ("train", "test"):
         tables[f"pairs/query_product_{split}.parquet"] = pa.Table.from_pylist(
             [
@@ -147,8 +180,7 @@ def build_epqa_tables(
 
 
 def evaluate_epqa(
-    query_encoder: Callable[[list[str]], np.ndarray],
-    product_encoder: Callable[[list[dict[str, Any]]], np.ndarray],
+    scorer: Scorer,
     root: str | Path,
     *,
     engaged_queries: bool = True,
@@ -159,15 +191,15 @@ def evaluate_epqa(
 ) -> dict[str, float]:
     """Recall@K and MRR of question → product retrieval over the whole 888-product catalogue.
 
-    Each question of ``split`` is ranked against every product by exact dot product; its one relevant
-    product is its ASIN (ties count against it). Products are built as for training, with the same
-    options, so pass those the towers were trained with. With ``split="train"`` a product's engaged
-    queries contain the query itself, which makes the figure an optimistic sanity check only.
+    Each question of ``split`` is ranked against every product by ``scorer``; its one relevant product
+    is its ASIN (ties count against it). Products are built as for training, with the same options, so
+    pass those the towers were trained with. With ``split="train"`` a product's engaged queries contain
+    the query itself, which makes the figure an optimistic sanity check only.
 
     Args:
-        query_encoder: ``list[str] → (n, dim)`` array, e.g. ``query_tower.encode``.
-        product_encoder: ``list[dict] → (n, dim)`` array of product dicts holding ``id`` and the text
-            fields (``engaged_queries`` only when enabled; None values left out).
+        scorer: ``(question texts, product rows) → scores``; product rows hold ``id`` and the text fields
+            (``engaged_queries`` only when enabled; None values left out). ``DenseScorer(query_tower.encode,
+            entity_tower.encode)`` for embeddings, ``BM25Scorer`` for the lexical baseline.
         root: Folder of the real data sets (holds ``amazon_pqa/``).
         engaged_queries, test_question_snippets: As in ``load_epqa``.
         split: The questions used as queries.
@@ -180,23 +212,31 @@ def evaluate_epqa(
     Example:
         ::
 
-            evaluate_epqa(query_tower.encode, entity_tower.encode, "../shared/data")["epqa_recall@10"]
+            evaluate_epqa(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")["epqa_recall@10"]
     """
     if split not in ("train", "test"):
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
     data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
-    entities = [{key: value for key, value in product.items() if value is not None} for product in data.products]
-    corpus = np.asarray(product_encoder(entities), np.float32)  # (num_products, dim)
+    products = [{key: value for key, value in product.items() if value is not None} for product in data.products]
     questions = [q for q in data.questions if q["split"] == split]
-    queries = np.asarray(query_encoder([q["question"] for q in questions]), np.float32)  # (num_questions, dim)
     row_of = {product["id"]: i for i, product in enumerate(data.products)}
     gold = np.array([row_of[q["asin"]] for q in questions])  # (num_questions,)
-    excluded = np.stack([np.arange(len(questions)), gold], axis=1)  # the positive is not its own negative
-    ranks = positive_ranks(queries, corpus[gold], corpus, excluded=excluded)
+    ranks = ranks_from_scores(scorer([q["question"] for q in questions], products), gold)
     return recall_metrics(ranks, ks, f"{name}_" if name else "")
 
 
+def product_text(product: Mapping[str, Any], fields: Sequence[str] = TEXT_FIELDS) -> str:
+    """All of a product's ``fields`` joined into one text: what BM25 and the zero-shot encoders read."""
+    parts: list[str] = []
+    for field in fields:
+        value = product.get(field)
+        if value is not None:
+            parts.extend([value] if isinstance(value, str) else value)
+    return " ".join(parts)
+
+
 __all__ = [
+    "CATALOGUE_FIELDS",
     "CATALOGUE_SOURCES",
     "EPQA",
     "TEXT_FIELDS",
@@ -205,4 +245,5 @@ __all__ = [
     "epqa_split",
     "evaluate_epqa",
     "load_epqa",
+    "product_text",
 ]

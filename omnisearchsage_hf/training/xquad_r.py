@@ -21,10 +21,8 @@ References:
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +31,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..evaluation import positive_ranks, recall_metrics
+from ..evaluation import ranks_from_scores, recall_metrics
+from ..evaluation.baselines import passage_embeddings
+from ..evaluation.scoring import Scorer
 
 LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
 TEXT_FIELDS = ("sentence", "context", "title")
@@ -162,58 +162,6 @@ def translation_pairs(
     return rows
 
 
-def passage_embeddings(
-    texts: Sequence[str],
-    encoder: str | Path,
-    *,
-    prefix: str = "passage: ",
-    max_length: int = 128,
-    batch_size: int = 64,
-    cache_dir: str | Path | None = None,
-    show_progress_bar: bool = True,
-) -> np.ndarray:
-    """Zero-shot embeddings of ``prefix + text`` by a local Hugging Face encoder folder, cached on disk.
-
-    The encoder runs as sentence-transformers ``Transformer → mean Pooling → Normalize``, which is how
-    multilingual-e5 is used (``python ../shared/tools/backbones.py me5`` prints its folder). With a
-    ``cache_dir`` the result is stored as ``{cache_dir}/passages-{fingerprint}.npy`` (written whole,
-    then renamed) and read back by any later call with the same encoder folder, prefix, length and texts.
-
-    Returns:
-        ``(len(texts), dim)`` float32, unit-norm rows.
-    """
-    folder = Path(os.path.expandvars(os.path.expanduser(str(encoder)))).resolve()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"`compat_encoder` {str(encoder)!r} is not a model folder (no config.json).")
-    digest = hashlib.sha256(json.dumps([str(folder), prefix, max_length]).encode())
-    for text in texts:
-        digest.update(text.encode() + b"\0")
-    cache = Path(cache_dir) / f"passages-{digest.hexdigest()[:20]}.npy" if cache_dir is not None else None
-    if cache is not None and cache.is_file():
-        return np.load(cache)
-    # Imported here: sentence-transformers takes seconds to import, and only this path needs it.
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    transformer = Transformer(str(folder), max_seq_length=max_length)
-    model = SentenceTransformer(
-        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"), Normalize()]
-    )
-    embeddings = model.encode(
-        [prefix + text for text in texts], batch_size=batch_size, show_progress_bar=show_progress_bar
-    ).astype(np.float32)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                np.save(handle, embeddings)
-            os.replace(tmp, cache)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return embeddings
-
-
 def build_xquad_r_tables(
     root: str | Path,
     *,
@@ -224,6 +172,8 @@ def build_xquad_r_tables(
     compat_feature: str = "e5_embedding",
     compat_batch_size: int = 64,
     compat_max_length: int = 128,
+    context_feature: str | None = None,
+    context_max_length: int = 256,
     cache_dir: str | Path | None = None,
     show_progress_bar: bool = True,
 ) -> dict[str, pa.Table]:
@@ -238,6 +188,9 @@ def build_xquad_r_tables(
             such column: the zero-shot multilingual-e5-small passage embedding, as a legacy space.
         compat_feature: Name of that column.
         compat_batch_size, compat_max_length: Encoding batch size and token limit.
+        context_feature: Name of a further column holding the same encoder's passage embedding of each
+            sentence's paragraph (``context``, up to ``context_max_length`` tokens), or None for none: the
+            pre-existing embedding of the entity's enriched text, next to that of its own text.
         cache_dir: Where the compat embeddings are cached (see ``passage_embeddings``).
         show_progress_bar: Show the encoding progress bar.
 
@@ -267,6 +220,21 @@ def build_xquad_r_tables(
         )
         column = pa.array(list(embeddings), type=pa.list_(pa.float32()))
         sentences = sentences.append_column(compat_feature, column)
+    if context_feature is not None:
+        if compat_encoder is None:
+            raise ValueError("`context_feature` needs `compat_encoder`, the encoder that embeds the paragraphs.")
+        contexts = sorted({row["context"] for row in data.sentences})
+        embeddings = passage_embeddings(
+            contexts,
+            compat_encoder,
+            max_length=context_max_length,
+            batch_size=compat_batch_size,
+            cache_dir=cache_dir,
+            show_progress_bar=show_progress_bar,
+        )
+        row_of = {context: i for i, context in enumerate(contexts)}
+        embeddings = embeddings[[row_of[row["context"]] for row in data.sentences]]  # (num_sentences, dim)
+        sentences = sentences.append_column(context_feature, pa.array(list(embeddings), type=pa.list_(pa.float32())))
     tables = {"sentences.parquet": sentences}
     for split in ("train", "test"):
         tables[f"pairs/query_sentence_{split}.parquet"] = pa.Table.from_pylist(
@@ -290,67 +258,57 @@ def build_xquad_r_tables(
 
 
 def ranks_of_relevant(
-    query_embeddings: np.ndarray,
-    corpus_embeddings: np.ndarray,
+    scores: np.ndarray | torch.Tensor,
     relevant: np.ndarray,
     *,
     ignored: Sequence[Sequence[int]] = (),
-    chunk_size: int = 256,
 ) -> np.ndarray:
-    """0-based rank of each relevant corpus row in its query's exact dot-product ranking.
+    """0-based rank of each relevant corpus row in its query's ranking by ``scores``.
 
-    Unlike ``positive_ranks`` (one positive per pair, others ignored) a query's relevant rows compete
+    Unlike ``ranks_from_scores`` (one positive per query, others ignored) a query's relevant rows compete
     with each other here, so ``rank < k`` says "in the top k". A tie with an irrelevant row counts
     against the relevant one; relevant rows that tie with each other take consecutive ranks in the order
     of ``relevant``, so a model that scores all of them alike still fills the top k with them.
 
     Args:
-        query_embeddings: ``(num_queries, dim)``.
-        corpus_embeddings: ``(corpus_size, dim)``.
+        scores: ``(num_queries, corpus_size)``.
         relevant: ``(num_queries, num_relevant)`` corpus indices.
         ignored: Per query, corpus indices ranked below everything (answers to an identical question text).
-        chunk_size: Queries per matmul.
 
     Returns:
         ``(num_queries, num_relevant)`` int64 ranks.
     """
-    queries = torch.as_tensor(query_embeddings, dtype=torch.float32)
-    corpus = torch.as_tensor(corpus_embeddings, dtype=torch.float32)
+    scores = torch.as_tensor(scores, dtype=torch.float32).clone()
     relevant = torch.as_tensor(relevant, dtype=torch.long)
-    ranks = torch.empty(relevant.shape, dtype=torch.long)
+    for row, columns in enumerate(ignored):
+        scores[row, list(columns)] = -torch.inf
     positions = torch.arange(relevant.shape[1])
     order = positions[None, :] < positions[:, None]  # (num_relevant, num_relevant): [i, j] = j comes before i
-    for start in range(0, len(queries), chunk_size):
-        end = min(start + chunk_size, len(queries))
-        scores = queries[start:end] @ corpus.T  # (chunk, corpus_size)
-        for row, columns in enumerate(ignored[start:end] if ignored else ()):
-            scores[row, list(columns)] = -torch.inf
-        relevant_scores = scores.gather(1, relevant[start:end])  # (chunk, num_relevant)
-        # Corpus rows scoring >= each relevant score, without sorting the corpus: bucket every score by how
-        # many relevant scores it reaches, then count the buckets from the top.
-        ascending, permutation = relevant_scores.sort(dim=1)  # (chunk, num_relevant)
-        buckets = torch.searchsorted(ascending, scores, right=True)  # (chunk, corpus_size) in [0, num_relevant]
-        histogram = torch.zeros(len(buckets), relevant.shape[1] + 1, dtype=torch.long)
-        histogram.scatter_add_(1, buckets, torch.ones_like(buckets))  # (chunk, num_relevant + 1)
-        reached = histogram.flip(1).cumsum(1).flip(1)[:, 1:]  # (chunk, num_relevant), in ascending order
-        at_least = torch.empty_like(reached).scatter_(1, permutation, reached)  # (chunk, num_relevant)
-        # Among relevant rows, equal scores are ordered by position in `relevant`, not counted against.
-        other, this = relevant_scores[:, None, :], relevant_scores[:, :, None]  # (chunk, 1 | num_relevant, ...)
-        relevant_at_least = (other >= this).sum(-1)  # (chunk, num_relevant), itself included
-        relevant_before = ((other > this) | ((other == this) & order)).sum(-1)  # (chunk, num_relevant)
-        ranks[start:end] = at_least - relevant_at_least + relevant_before
+    relevant_scores = scores.gather(1, relevant)  # (num_queries, num_relevant)
+    # Corpus rows scoring >= each relevant score, without sorting the corpus: bucket every score by how
+    # many relevant scores it reaches, then count the buckets from the top.
+    ascending, permutation = relevant_scores.sort(dim=1)  # (num_queries, num_relevant)
+    buckets = torch.searchsorted(ascending, scores, right=True)  # (num_queries, corpus_size) in [0, num_relevant]
+    histogram = torch.zeros(len(buckets), relevant.shape[1] + 1, dtype=torch.long)
+    histogram.scatter_add_(1, buckets, torch.ones_like(buckets))  # (num_queries, num_relevant + 1)
+    reached = histogram.flip(1).cumsum(1).flip(1)[:, 1:]  # (num_queries, num_relevant), in ascending order
+    at_least = torch.empty_like(reached).scatter_(1, permutation, reached)  # (num_queries, num_relevant)
+    # Among relevant rows, equal scores are ordered by position in `relevant`, not counted against.
+    other, this = relevant_scores[:, None, :], relevant_scores[:, :, None]  # (num_queries, 1 | num_relevant, ...)
+    relevant_at_least = (other >= this).sum(-1)  # (num_queries, num_relevant), itself included
+    relevant_before = ((other > this) | ((other == this) & order)).sum(-1)  # (num_queries, num_relevant)
+    ranks = at_least - relevant_at_least + relevant_before
     return ranks.numpy()
 
 
 def evaluate_xquad(
-    query_encoder: Callable[[list[str]], np.ndarray],
-    sentence_encoder: Callable[[list[dict[str, Any]]], np.ndarray],
+    scorer: Scorer,
     root: str | Path,
     *,
     languages: Sequence[str] = LANGUAGES,
     split: Split = "test",
     ks: Sequence[int] = (1, 10, 100),
-    pooled_k: int = 10,
+    pooled_k: int | None = 10,
     name: str = "xquad_r",
 ) -> dict[str, float]:
     """Recall@K and MRR of question → answer sentence retrieval, per language and pooled across languages.
@@ -362,17 +320,17 @@ def evaluate_xquad(
     languages, and the metric is the fraction of them in its top ``pooled_k``, averaged over the
     questions of each query language. With 11 relevant sentences and ``pooled_k=10`` a perfect model
     scores 10/11. Answers of a different question with the identical text (a few per language) are
-    removed from that query's ranking instead of counting as misses. Ranking is exact dot product.
+    removed from that query's ranking instead of counting as misses. Ties count against the answer.
 
     Args:
-        query_encoder: ``list[str] → (n, dim)`` array, e.g. ``query_tower.encode``.
-        sentence_encoder: ``list[dict] → (n, dim)`` array of sentence dicts holding ``id`` and the
-            ``TEXT_FIELDS`` (``sentence``, ``context``, ``title``), e.g. ``entity_tower.encode``.
+        scorer: ``(question texts, sentence rows) → scores``; sentence rows hold ``id`` and the
+            ``TEXT_FIELDS`` (``sentence``, ``context``, ``title``). ``DenseScorer(query_tower.encode,
+            entity_tower.encode)`` for embeddings, ``BM25Scorer`` for the lexical baseline.
         root: Folder of the real data sets (holds ``xquad_r/``).
         languages: Languages evaluated and pooled.
         split: Articles whose questions are the queries.
         ks: The K of each per-language Recall@K.
-        pooled_k: The K of the pooled figure.
+        pooled_k: The K of the pooled figure; None skips the pooled evaluation.
         name: Prefix of the metric keys.
 
     Returns:
@@ -383,23 +341,18 @@ def evaluate_xquad(
     Example:
         ::
 
-            metrics = evaluate_xquad(query_tower.encode, entity_tower.encode, "../shared/data")
+            metrics = evaluate_xquad(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")
             metrics["xquad_r_en_recall@10"], metrics["xquad_r_pooled_recall@10"]
     """
     if split not in ("train", "test"):
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
     languages = check_languages(languages)
     data = load_xquad_r(root, languages=languages)
-    groups = _by_language(data.sentences, languages)  # `data.sentences` is already grouped this way
-    position = {row["id"]: i for i, row in enumerate(data.sentences)}  # index in the pooled corpus
-    ends = np.cumsum([len(rows) for rows in groups])
-    bounds = {language: (end - len(rows), end) for language, rows, end in zip(languages, groups, ends)}
-    corpus = np.concatenate(
-        [
-            np.asarray(sentence_encoder([{k: row[k] for k in ("id", *TEXT_FIELDS)} for row in rows]), np.float32)
-            for rows in groups
-        ]
-    )  # (num_sentences, dim)
+    rows = [{k: row[k] for k in ("id", *TEXT_FIELDS)} for row in data.sentences]  # grouped by language
+    position = {row["id"]: i for i, row in enumerate(rows)}  # index in the pooled corpus
+    starts = {}
+    for i, row in enumerate(data.sentences):
+        starts.setdefault(row["language"], i)
     golds: dict[str, dict[str, int]] = {}  # question id → language → gold position
     same_text: dict[tuple[str, str], set[str]] = {}  # (language, text) → question ids
     for q in data.questions:
@@ -412,27 +365,30 @@ def evaluate_xquad(
         questions = [q for q in questions if q["split"] == split]
         if not questions:
             raise ValueError(f"No {split} questions in language {language!r}.")
-        queries = np.asarray(query_encoder([q["question"] for q in questions]), np.float32)  # (n, dim)
-        start, end = bounds[language]
-        gold = np.array([golds[q["id"]][language] for q in questions])  # (n,) pooled positions
+        texts = [q["question"] for q in questions]
+        start = starts[language]
+        pool = [row for row in rows if row["id"].startswith(f"{language}/")]
+        gold = np.array([golds[q["id"]][language] - start for q in questions])  # (n,) positions in the pool
         twins = [same_text[(language, q["question"])] for q in questions]
-        # The positive itself and the golds of identically worded questions are not negatives.
+        # The golds of identically worded questions are not negatives.
         excluded = np.array([(i, golds[t][language] - start) for i, ids in enumerate(twins) for t in ids])
-        ranks = positive_ranks(queries, corpus[gold], corpus[start:end], excluded=excluded.reshape(-1, 2))
+        ranks = ranks_from_scores(scorer(texts, pool), gold, excluded=excluded.reshape(-1, 2))
         metrics.update(recall_metrics(ranks, ks, f"{prefix}{language}_"))
-
+        if pooled_k is None:
+            continue
         relevant = np.array([[golds[q["id"]][other] for other in languages] for q in questions])
         ignored = [
             sorted({golds[t][other] for t in ids for other in languages} - set(row))
             for ids, row in zip(twins, relevant.tolist())
         ]
-        pooled = ranks_of_relevant(queries, corpus, relevant, ignored=ignored)  # (n, num_languages)
+        pooled = ranks_of_relevant(scorer(texts, rows), relevant, ignored=ignored)  # (n, num_languages)
         metrics[f"{prefix}pooled_{language}_recall@{pooled_k}"] = float((pooled < pooled_k).mean())
     for key in [f"recall@{k}" for k in ks] + ["mrr"]:
         metrics[f"{prefix}{key}"] = float(np.mean([metrics[f"{prefix}{lang}_{key}"] for lang in languages]))
-    metrics[f"{prefix}pooled_recall@{pooled_k}"] = float(
-        np.mean([metrics[f"{prefix}pooled_{lang}_recall@{pooled_k}"] for lang in languages])
-    )
+    if pooled_k is not None:
+        metrics[f"{prefix}pooled_recall@{pooled_k}"] = float(
+            np.mean([metrics[f"{prefix}pooled_{lang}_recall@{pooled_k}"] for lang in languages])
+        )
     return metrics
 
 
@@ -453,7 +409,6 @@ __all__ = [
     "evaluate_xquad",
     "gold_sentence_index",
     "load_xquad_r",
-    "passage_embeddings",
     "ranks_of_relevant",
     "translation_pairs",
 ]
