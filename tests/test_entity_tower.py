@@ -307,13 +307,28 @@ print(json.dumps({{"emb": model.encode(entities).tolist(), "ids": tokenizer("cop
 
 class TestResidualFeature:
     def test_starts_as_the_feature_then_learns(self):
-        model = make_entity_tower(dense={"e5": 8}, residual_feature="e5")
+        model = make_entity_tower(dense={"e5": 8, "ctx": 8}, residual_features={"e5": 1.0, "ctx": 0.5})
         vector = np.array([3.0, 0, 0, 4.0, 0, 0, 0, 0], dtype=np.float32)
-        assert np.allclose(model.encode({"title": "copper sink", "e5": vector}), vector / 5.0, atol=1e-6)
-        inputs = model.prepare_inputs([{"title": "copper sink", "e5": vector}])
-        model(**inputs).embeddings[0, 1].backward()
+        context = np.array([0, 0, 0, 0, 0, 0, 0, 10.0], dtype=np.float32)
+        mix = (vector + 0.5 * context) / np.linalg.norm(vector + 0.5 * context)
+        assert np.allclose(model.encode({"title": "copper sink", "e5": vector, "ctx": context}), mix, atol=1e-6)
+        inputs = model.prepare_inputs([{"title": "copper sink", "e5": vector, "ctx": context}])
+        model(**inputs).embeddings[0, 7].backward()
         assert model.mlp.layers[-1].weight.grad.abs().sum() > 0
+        assert model.residual_weights.grad.abs().sum() > 0  # the mix is learned too
+
+    def test_residual_weights_survive_save_and_load(self, tmp_path):
+        model = make_entity_tower(dense={"e5": 8}, residual_features={"e5": 0.7}, residual_correction_scale=0.1)
+        assert model.correction_scale.item() == pytest.approx(0.1)
+        with torch.no_grad():
+            model.residual_weights.fill_(0.3)
+            model.correction_scale.fill_(0.5)
+        model.save_pretrained(tmp_path)
+        reloaded = AutoModel.from_pretrained(tmp_path)
+        assert reloaded.config.residual_features == {"e5": 0.7}
+        assert torch.equal(reloaded.residual_weights, model.residual_weights)
+        assert torch.equal(reloaded.correction_scale, model.correction_scale)
 
     def test_residual_feature_must_match_out_dim(self):
-        with pytest.raises(StrictDataclassError, match="residual_feature"):
-            OmniSearchSageEntityConfig(dense_features={"e5": 4}, out_dim=8, residual_feature="e5")
+        with pytest.raises(StrictDataclassError, match="residual_features"):
+            OmniSearchSageEntityConfig(dense_features={"e5": 4}, out_dim=8, residual_features={"e5": 1.0})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoModel
+from transformers import AutoModel, BertConfig, DistilBertConfig
 
 from omnisearchsage_hf import OmniSearchSageEntityModel, OmniSearchSageQueryModel
 from omnisearchsage_hf.training.config import load_config, parse_overrides
@@ -21,7 +21,7 @@ from omnisearchsage_hf.training.tasks import (
     random_negative_indices,
     task_batch_sizes,
 )
-from omnisearchsage_hf.training.trainer import latest_checkpoint, learning_rate
+from omnisearchsage_hf.training.trainer import _transformer_blocks, latest_checkpoint, learning_rate
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
@@ -237,3 +237,18 @@ def test_bf16_with_gradient_accumulation(tmp_path):
     losses = [e["loss"] for e in _logged(result.stdout + result.stderr) if "loss" in e]
     assert len(losses) == 2 and all(np.isfinite(losses))
     _check_export(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32),
+        DistilBertConfig(vocab_size=50, dim=16, n_layers=3, n_heads=2, hidden_dim=32),
+    ],
+)
+def test_transformer_blocks_are_the_backbone_layer_stack(backbone):
+    model = AutoModel.from_config(backbone)
+    blocks = _transformer_blocks(model)
+    assert len(blocks) == 3 and blocks is (
+        model.encoder.layer if hasattr(model, "encoder") else model.transformer.layer
+    )

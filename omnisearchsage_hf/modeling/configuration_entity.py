@@ -46,11 +46,16 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
         hash_seed: Seed that draws ``hash_a``/``hash_b`` when they are not given.
         hidden_dims: Widths of the MLP's hidden layers (paper: 1024, 1024).
         out_dim: Output embedding size; must match the query tower's.
-        residual_feature: Optional name of a dense feature of width ``out_dim`` that is added to the MLP's
-            output before normalisation, the MLP's last layer starting at zero: the tower then starts out
-            as that pre-existing embedding (e.g. a zero-shot passage embedding) and learns a correction
-            from the text n-grams, instead of learning the whole space from scratch. None (default) is
-            the paper's plain MLP.
+        residual_features: Optional ``name → initial weight`` of dense features of width ``out_dim`` whose
+            weighted sum is added to the MLP's output before normalisation, the MLP's last layer starting at
+            zero and the weights learned from there: the tower then starts out as that mix of pre-existing
+            embeddings (e.g. the zero-shot passage embedding of an entity's text and of its context) and
+            learns a correction from the text n-grams, instead of learning the whole space from scratch.
+            None or empty (default) is the paper's plain MLP.
+        residual_correction_scale: Initial value of a learned scalar that multiplies the MLP's output when
+            ``residual_features`` are set. Adam moves every weight of a wide layer at about the learning
+            rate, so the correction of an unscaled MLP soon outweighs the unit-norm pre-existing embedding,
+            however small that rate; a small scale keeps the tower near its starting point.
         layer_norm_eps: Epsilon of every LayerNorm.
         initializer_range: Standard deviation of the normal initialisation of linear and embedding weights.
 
@@ -79,7 +84,8 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
     hash_seed: int = 0
     hidden_dims: list[int] | tuple[int, ...] = (1024, 1024)
     out_dim: int = 256
-    residual_feature: str | None = None
+    residual_features: dict[str, float] | None = None
+    residual_correction_scale: float = 1.0
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
@@ -88,6 +94,7 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
         self.hidden_dims = list(self.hidden_dims)
         # Sorted by name: the model concatenates in this order, and saved JSON sorts dict keys anyway.
         self.dense_features = dict(sorted((self.dense_features or DEFAULT_DENSE_FEATURES).items()))
+        self.residual_features = {name: float(w) for name, w in sorted((self.residual_features or {}).items())}
         if self.hash_p is None:
             self.hash_p = _primes_below(2**31, self.num_hashes)
         rng = random.Random(self.hash_seed)
@@ -112,10 +119,11 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
             raise ValueError(f"Feature names must be unique and not reserved {RESERVED_KEYS}; offending: {clashes}.")
         if any(not isinstance(d, int) or d < 1 for d in self.dense_features.values()):
             raise ValueError(f"`dense_features` must map names to positive int dims, got {self.dense_features!r}.")
-        if self.residual_feature is not None and self.dense_features.get(self.residual_feature) != self.out_dim:
+        wrong = [name for name in self.residual_features if self.dense_features.get(name) != self.out_dim]
+        if wrong:
             raise ValueError(
-                f"`residual_feature` {self.residual_feature!r} must be a dense feature of width out_dim "
-                f"({self.out_dim}); dense features: {self.dense_features}."
+                f"`residual_features` {wrong} must be dense features of width out_dim ({self.out_dim}); "
+                f"dense features: {self.dense_features}."
             )
         for name in ("hash_a", "hash_b", "hash_p"):
             if len(getattr(self, name)) != self.num_hashes:

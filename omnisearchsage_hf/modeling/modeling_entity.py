@@ -88,11 +88,14 @@ class OmniSearchSageEntityPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if self.config.residual_feature is not None and module is self.mlp.layers[-1]:
-            # The tower starts as the residual feature itself (see the config's `residual_feature`).
+        if self.config.residual_features and module is self.mlp.layers[-1]:
+            # The tower starts as the residual mix itself (see the config's `residual_features`).
             init.zeros_(module.weight)
             init.zeros_(module.bias)
             return
+        if module is self and self.config.residual_features:
+            init.copy_(module.residual_weights, torch.tensor(list(self.config.residual_features.values())))
+            init.constant_(module.correction_scale, self.config.residual_correction_scale)
         super()._init_weights(module)
         if isinstance(module, HashEmbeddingBag):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
@@ -124,6 +127,9 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, OmniSearchSageEntityPreT
         self.embeddings = HashEmbeddingBag(config)
         self.field_norm = FieldLayerNorm(config)
         self.mlp = EntityMLP(config)
+        if config.residual_features:
+            self.residual_weights = nn.Parameter(torch.empty(len(config.residual_features)))
+            self.correction_scale = nn.Parameter(torch.empty(()))
         self.tokenizer = None
         self.post_init()
 
@@ -166,8 +172,10 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, OmniSearchSageEntityPreT
             for name, dim in self.config.dense_features.items()
         }  # name -> (batch_size, dim)
         embeddings = self.mlp(torch.cat(parts + list(dense.values()), dim=-1))  # (batch_size, out_dim)
-        if self.config.residual_feature is not None:
-            embeddings = embeddings + dense[self.config.residual_feature]
+        if self.config.residual_features:
+            embeddings = self.correction_scale * embeddings
+        for weight, name in zip(getattr(self, "residual_weights", ()), self.config.residual_features):
+            embeddings = embeddings + weight * dense[name]
         return OmniSearchSageEntityOutput(embeddings=F.normalize(embeddings, p=2, dim=-1))
 
     @staticmethod

@@ -251,6 +251,15 @@ class Trainer:
             query_tower.tokenizer = query_tokenizer
         if model_config.freeze_backbone_embeddings:
             query_tower.backbone.get_input_embeddings().weight.requires_grad_(False)
+        if model_config.freeze_backbone_layers:
+            blocks = _transformer_blocks(query_tower.backbone)
+            if model_config.freeze_backbone_layers > len(blocks):
+                raise ValueError(
+                    f"`model.freeze_backbone_layers` is {model_config.freeze_backbone_layers} but the backbone has "
+                    f"{len(blocks)} blocks."
+                )
+            for block in blocks[: model_config.freeze_backbone_layers]:
+                block.requires_grad_(False)
         return query_tower.train(), entity_tower.train()
 
     # ---- one step of data ------------------------------------------------------------------------
@@ -486,6 +495,14 @@ def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif value is not None:
             flat[name] = str(value)
     return flat
+
+
+def _transformer_blocks(backbone: torch.nn.Module) -> torch.nn.ModuleList:
+    """The backbone's stack of transformer blocks: its longest ``ModuleList`` (``encoder.layer`` in BERT)."""
+    lists = [module for module in backbone.modules() if isinstance(module, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"Found no stack of transformer blocks in {type(backbone).__name__}.")
+    return max(lists, key=len)
 
 
 __all__ = ["Trainer", "latest_checkpoint", "learning_rate", "train_wordpiece_tokenizer"]
