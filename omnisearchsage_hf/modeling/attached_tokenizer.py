@@ -10,8 +10,10 @@ This file is copied next to the modeling files when a model is saved, so it impo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import has_file, logging
 
@@ -28,8 +30,8 @@ _LOAD_KWARGS = (
     "token",
     "trust_remote_code",
 )
-# `save_pretrained` keyword arguments that also say where to push the tokenizer.
-_PUSH_KWARGS = ("repo_id", "commit_message", "create_pr", "private", "token")
+# `save_pretrained` keyword arguments that say where and how to push the folder.
+_PUSH_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision", "token")
 
 
 def _has_tokenizer(path: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> bool:
@@ -45,7 +47,7 @@ class AttachedTokenizerMixin:
     ``from_pretrained`` loads ``AutoTokenizer`` from the same folder or Hub repo, with the same Hub
     arguments and ``trust_remote_code``; a folder without ``tokenizer_config.json`` loads with
     ``tokenizer = None`` and a warning. ``save_pretrained`` writes the tokenizer into the same folder
-    (and, with ``push_to_hub=True``, pushes it to the same repository in a second commit).
+    (and, with ``push_to_hub=True``, pushes the whole folder to one repository in one commit).
     """
 
     tokenizer: PreTrainedTokenizerBase | None
@@ -66,7 +68,23 @@ class AttachedTokenizerMixin:
     def save_pretrained(
         self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs: Any
     ) -> None:
-        super().save_pretrained(save_directory, is_main_process=is_main_process, push_to_hub=push_to_hub, **kwargs)
-        if self.tokenizer is not None and is_main_process:
-            push_kwargs = {name: kwargs[name] for name in _PUSH_KWARGS if name in kwargs}
-            self.tokenizer.save_pretrained(save_directory, push_to_hub=push_to_hub, **push_kwargs)
+        """Save the model, its tokenizer and ``_save_extra_files`` into one folder; push it all in one commit.
+
+        With ``push_to_hub=True`` the folder is written first and then uploaded as a single commit to
+        ``repo_id`` (default: the folder's name), so a Hub repo never holds a model without its tokenizer.
+        """
+        push_kwargs = {name: kwargs.pop(name) for name in _PUSH_KWARGS if name in kwargs}
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        self._save_extra_files(Path(save_directory))
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", Path(save_directory).name)
+            api = HfApi(token=push_kwargs.get("token"))
+            repo_id = api.create_repo(repo_id, private=push_kwargs.pop("private", None), exist_ok=True).repo_id
+            self._upload_modified_files(save_directory, repo_id, files_timestamps={}, **push_kwargs)
+
+    def _save_extra_files(self, save_directory: Path) -> None:
+        """Hook for files a model adds to its saved folder beyond weights, config, code and tokenizer."""

@@ -1,0 +1,209 @@
+"""Push towers, tokenizers and whole training runs to the Hugging Face Hub, each with a generated card.
+
+Every push is one commit: the object is saved into a temporary folder (weights as safetensors, config,
+remote code, tokenizer files, and for the query tower its sentence-transformers pipeline), the model card
+is written as ``README.md``, and all files go up together through ``HfApi.create_commit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from ..tokenization import OmniSearchSageTokenizer
+from ..training.config import TrainingConfig, load_config
+from .model_card import CardKind, model_card
+from .query_document import save_query_document_model
+
+Publishable = PreTrainedModel | PreTrainedTokenizerBase
+
+
+def card_kind(obj: Publishable) -> CardKind:
+    """The card template that describes ``obj`` (raises ``TypeError`` for objects this package did not make)."""
+    for cls, kind in (
+        (OmniSearchSageQueryModel, "query"),
+        (OmniSearchSageEntityModel, "entity"),
+        (OmniSearchSageTokenizer, "tokenizer"),
+    ):
+        if isinstance(obj, cls):
+            return kind
+    raise TypeError(
+        f"Cannot publish a {type(obj).__name__}: pass an OmniSearchSageQueryModel, OmniSearchSageEntityModel "
+        "or OmniSearchSageTokenizer."
+    )
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    card: ModelCard,
+    commit_message: str = "Upload OmniSearchSage model",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Create ``repo_id`` if needed and commit every file under ``folder`` plus ``card`` as ``README.md``.
+
+    Args:
+        folder: A saved model folder; subfolders are kept (``backbone/``, ``2_Dense/``…).
+        repo_id: ``"org/name"`` on the Hub.
+        card: The model card; it replaces any ``README.md`` in ``folder``.
+        commit_message: Message of the single commit.
+        private: Visibility of a newly created repository (None: the account's default).
+        token: Hub token (None: the logged-in token).
+        revision: Branch to commit to (None: the default branch).
+        create_pr: Open a pull request instead of committing to the branch.
+
+    Returns:
+        The ``CommitInfo`` of the commit.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p) for p in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr)
+
+
+def push_to_hub(
+    obj: Publishable,
+    repo_id: str,
+    *,
+    card: ModelCard | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    **card_kwargs: Any,
+) -> CommitInfo:
+    """Push a query tower, an entity tower or an entity tokenizer to the Hub with its model card, in one commit.
+
+    The object is saved with its own ``save_pretrained`` (so the repo holds exactly what a local save
+    holds: for the query tower that includes the sentence-transformers files), and ``card`` (default: the
+    card of its kind, see :func:`~omnisearchsage_hf.publishing.model_card`) becomes ``README.md``.
+
+    Args:
+        obj: The tower or tokenizer.
+        repo_id: ``"org/name"`` on the Hub.
+        card: A ready card; None renders the default one from ``card_kwargs``.
+        private, token, revision, create_pr: As in :func:`push_folder`.
+        **card_kwargs: ``model_card`` options (``metrics``, ``training_config``, ``license``, ``datasets``,
+            ``languages``, ``base_model``, ``links``).
+
+    Returns:
+        The ``CommitInfo`` of the commit.
+
+    Example:
+        ```python
+        push_to_hub(query_tower, "org/omnisearchsage-query", metrics=json.load(open("runs/x/metrics.json")))
+        ```
+    """
+    kind = card_kind(obj)
+    if card is None:
+        card = model_card(kind, obj, repo_id, **card_kwargs)
+    with tempfile.TemporaryDirectory() as folder:
+        obj.save_pretrained(folder)
+        return push_folder(
+            folder,
+            repo_id,
+            card=card,
+            commit_message=f"Upload OmniSearchSage {kind}",
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def publish(
+    output_dir: str | os.PathLike,
+    repo_prefix: str,
+    *,
+    training_config: TrainingConfig | str | os.PathLike | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    license: str = "apache-2.0",
+    datasets: Sequence[str] | None = None,
+    languages: Sequence[str] | None = None,
+    base_model: str | None = None,
+) -> dict[str, CommitInfo]:
+    """Publish a finished training run: three Hub repositories, each with its card and the run's metrics.
+
+    Reads ``output_dir/query_tower``, ``output_dir/entity_tower`` and ``output_dir/metrics.json`` (as
+    ``Trainer`` writes them) and pushes:
+
+    - ``{repo_prefix}-query``: the query tower (transformers + sentence-transformers, no custom code for ST);
+    - ``{repo_prefix}-entity``: the entity tower and its n-gram tokenizer (``trust_remote_code=True``);
+    - ``{repo_prefix}``: both, as one sentence-transformers model with ``encode_query``/``encode_document``.
+
+    Args:
+        output_dir: The run's ``output_dir``.
+        repo_prefix: ``"org/name"``; the three repository ids derive from it.
+        training_config: The run's ``TrainingConfig`` or its YAML path, summarised in the cards; None: the
+            cards say the configuration was not recorded.
+        private, token: As in :func:`push_folder`.
+        license, datasets, languages, base_model: Card metadata (see ``model_card``).
+
+    Returns:
+        ``{repo_id: CommitInfo}`` of the three commits.
+
+    Raises:
+        FileNotFoundError: A tower folder is missing from ``output_dir``.
+
+    Example:
+        ```python
+        publish("runs/xquad_r", "org/omnisearchsage-xquad", training_config="training/configs/xquad_r.yaml")
+        ```
+    """
+    output_dir = Path(output_dir)
+    for name in ("query_tower", "entity_tower"):
+        if not (output_dir / name / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{output_dir / name} holds no saved tower: `output_dir` must be a finished run's output_dir "
+                "(Trainer.train() exports query_tower/, entity_tower/ and metrics.json there)."
+            )
+    metrics_path = output_dir / "metrics.json"
+    metrics: Mapping[str, float] = (
+        json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    )
+    if training_config is not None and not isinstance(training_config, TrainingConfig):
+        training_config = load_config(training_config)
+    query_tower = OmniSearchSageQueryModel.from_pretrained(output_dir / "query_tower")
+    entity_tower = OmniSearchSageEntityModel.from_pretrained(output_dir / "entity_tower")
+
+    repos = {"query": f"{repo_prefix}-query", "entity": f"{repo_prefix}-entity", "query_document": repo_prefix}
+    card_kwargs = {
+        "metrics": metrics,
+        "training_config": training_config,
+        "license": license,
+        "datasets": datasets,
+        "languages": languages,
+        "base_model": base_model,
+        "links": repos,
+    }
+    hub_kwargs = {"private": private, "token": token}
+    commits = {
+        repos["query"]: push_to_hub(query_tower, repos["query"], **hub_kwargs, **card_kwargs),
+        repos["entity"]: push_to_hub(entity_tower, repos["entity"], **hub_kwargs, **card_kwargs),
+    }
+    card = model_card("query_document", (query_tower, entity_tower), repo_prefix, **card_kwargs)
+    with tempfile.TemporaryDirectory() as folder:
+        save_query_document_model(query_tower, entity_tower, folder)
+        commits[repo_prefix] = push_folder(
+            folder, repo_prefix, card=card, commit_message="Upload OmniSearchSage query-document model", **hub_kwargs
+        )
+    return commits
+
+
+__all__ = ["card_kind", "publish", "push_folder", "push_to_hub"]
