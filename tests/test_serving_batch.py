@@ -1,0 +1,177 @@
+"""Batch entity inference: output equals `encode`, resume after an interruption, process split, plan checks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModel
+
+from omnisearchsage_hf import OmniSearchSageEntityConfig, OmniSearchSageEntityModel, build_vocab
+from omnisearchsage_hf.serving.batch_inference import (
+    EntityEmbeddings,
+    embed_entity_table,
+    model_fingerprint,
+    process_chunks,
+)
+
+WORDS = ["copper", "sink", "red", "dress", "lamp", "wall", "art", "summer", "kitchen", "shoes"]
+
+
+class FakeState:
+    """The slice of accelerate's PartialState that batch inference reads, for one simulated process."""
+
+    def __init__(self, process_index=0, num_processes=1):
+        self.process_index, self.num_processes = process_index, num_processes
+        self.is_main_process = process_index == 0
+        self.device = torch.device("cpu")
+
+    def wait_for_everyone(self):
+        pass
+
+
+def make_table(path: Path, n: int = 23) -> Path:
+    rng = np.random.default_rng(0)
+    titles = [" ".join(rng.choice(WORDS, size=3)) for _ in range(n)]
+    table = pa.table(
+        {
+            "id": [f"pin{i}" for i in range(n)],
+            "title": titles,
+            "image_embedding": pa.array(
+                list(rng.standard_normal((n, 4)).astype(np.float32)), pa.list_(pa.float32(), 4)
+            ),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tower():
+    torch.manual_seed(0)
+    tokenizer = build_vocab(WORDS, show_progress_bar=False)
+    config = OmniSearchSageEntityConfig(
+        vocab_size=tokenizer.vocab_size, text_fields=["title"], dense_features={"image_embedding": 4},
+        num_buckets=97, embedding_dim=16, hidden_dims=[32], out_dim=8,
+    )  # fmt: skip
+    model = OmniSearchSageEntityModel(config)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+class CountingTower:
+    """Wraps the tower's `encode`: counts calls, and raises on call number `fail_at` (an interruption)."""
+
+    def __init__(self, tower, fail_at=None):
+        self.tower, self.fail_at, self.calls = tower, fail_at, 0
+        self.config = tower.config
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        return self.tower.encode(*args, **kwargs)
+
+    def to(self, device):
+        return self
+
+    def state_dict(self):
+        return self.tower.state_dict()
+
+
+def expected(tower, table_path):
+    rows = pq.read_table(table_path).to_pylist()
+    return np.stack([tower.encode({k: v for k, v in row.items() if k != "id"}) for row in rows])
+
+
+def test_output_matches_encode_in_table_order(tower, tmp_path):
+    table = make_table(tmp_path / "pins.parquet")
+    out = embed_entity_table(tower, table, tmp_path / "out", entity_type="pin", chunk_size=5, state=FakeState(),
+                             show_progress_bar=False)  # fmt: skip
+    loaded = EntityEmbeddings.load(out)
+    assert loaded.entity_type == "pin" and loaded.ids == [f"pin{i}" for i in range(23)]
+    np.testing.assert_allclose(loaded.embeddings, expected(tower, table), atol=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 23 and manifest["dim"] == 8 and manifest["chunks"] == 5
+
+
+def test_resume_after_interruption_recomputes_only_unfinished_chunks(tower, tmp_path):
+    table, out = make_table(tmp_path / "pins.parquet"), tmp_path / "out"
+    interrupted = CountingTower(tower, fail_at=3)  # chunks 0 and 1 finish, the kill lands in chunk 2
+    with pytest.raises(KeyboardInterrupt):
+        embed_entity_table(interrupted, table, out, entity_type="pin", chunk_size=5, state=FakeState(),
+                           show_progress_bar=False)  # fmt: skip
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["000000.npy", "000001.npy"]
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        EntityEmbeddings.load(out)
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").iterdir()}
+
+    resumed = CountingTower(tower)
+    embed_entity_table(resumed, table, out, entity_type="pin", chunk_size=5, state=FakeState(), show_progress_bar=False)
+    assert resumed.calls == 3  # chunks 2, 3, 4 only
+    assert all((out / "chunks" / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())
+    np.testing.assert_allclose(EntityEmbeddings.load(out).embeddings, expected(tower, table), atol=1e-5)
+
+    again = CountingTower(tower)
+    embed_entity_table(again, table, out, entity_type="pin", chunk_size=5, state=FakeState(), show_progress_bar=False)
+    assert again.calls == 0  # a finished output is returned as is
+
+
+def test_plan_mismatch_is_refused(tower, tmp_path):
+    table, out = make_table(tmp_path / "pins.parquet"), tmp_path / "out"
+    embed_entity_table(tower, table, out, entity_type="pin", chunk_size=5, state=FakeState(), show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"another run \(different \['chunk_size'\]"):
+        embed_entity_table(tower, table, out, entity_type="pin", chunk_size=6, state=FakeState(),
+                           show_progress_bar=False)  # fmt: skip
+    other = OmniSearchSageEntityModel(tower.config)  # same config, other weights
+    other.tokenizer = tower.tokenizer
+    assert model_fingerprint(other) != model_fingerprint(tower)
+    with pytest.raises(ValueError, match=r"different \['model'\]"):
+        embed_entity_table(other, table, out, entity_type="pin", chunk_size=5, state=FakeState(),
+                           show_progress_bar=False)  # fmt: skip
+
+
+def test_processes_split_the_chunks(tower, tmp_path):
+    assert list(process_chunks(5, 0, 2)) == [0, 2, 4] and list(process_chunks(5, 1, 2)) == [1, 3]
+    table, out = make_table(tmp_path / "pins.parquet"), tmp_path / "out"
+    # No barrier between simulated processes: process 0 goes first and finds process 1's chunks missing.
+    main = CountingTower(tower)
+    with pytest.raises(RuntimeError, match="2 chunk\\(s\\) .* are missing"):
+        embed_entity_table(main, table, out, entity_type="pin", chunk_size=5, state=FakeState(0, 2),
+                           show_progress_bar=False)  # fmt: skip
+    assert main.calls == 3  # chunks 0, 2, 4
+    worker = CountingTower(tower)
+    assert embed_entity_table(worker, table, out, entity_type="pin", chunk_size=5, state=FakeState(1, 2),
+                              show_progress_bar=False) is None  # fmt: skip
+    assert worker.calls == 2  # chunks 1, 3
+    main = CountingTower(tower)
+    out = embed_entity_table(main, table, out, entity_type="pin", chunk_size=5, state=FakeState(0, 2),
+                             show_progress_bar=False)  # fmt: skip
+    assert main.calls == 0
+    np.testing.assert_allclose(EntityEmbeddings.load(out).embeddings, expected(tower, table), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_two_processes_and_kill_resume(tower, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` splits the table; the index CLI reads the output."""
+    table = make_table(tmp_path / "pins.parquet", n=40)
+    tower.save_pretrained(tmp_path / "tower")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "-m", "omnisearchsage_hf.serving.cli", "embed", "--entity-model", str(tmp_path / "tower"),
+               "--table", str(table), "--entity-type", "pin", "--out", str(tmp_path / "out"), "--chunk-size", "7",
+               "--quiet"]  # fmt: skip
+    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    loaded = EntityEmbeddings.load(tmp_path / "out")
+    np.testing.assert_allclose(loaded.embeddings, expected(AutoModel.from_pretrained(tmp_path / "tower"), table),
+                               atol=1e-5)  # fmt: skip
+    subprocess.run(["omnisearchsage-index", "--embeddings", str(tmp_path / "out"), "--out", str(tmp_path / "index"),
+                    "--recall-queries", "20"], check=True, timeout=300, capture_output=True)  # fmt: skip
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["sizes"] == {"pin": 40}
