@@ -183,8 +183,14 @@ def tower_scorer(run: Path, features: dict[str, dict[str, np.ndarray]], *, compa
     entity_tower = AutoModel.from_pretrained(run / "entity_tower")
     names = [name for name in entity_tower.config.dense_features if name in features]
 
+    fields = set(entity_tower.config.text_fields)
+
     def encode_entities(rows: list[dict]) -> np.ndarray:
-        rows = [{**row, **{name: features[name][row["id"]] for name in names}} for row in rows]
+        # An ablated tower reads fewer fields than the data set's rows carry.
+        rows = [
+            {**{k: v for k, v in row.items() if k in fields}, **{name: features[name][row["id"]] for name in names}}
+            for row in rows
+        ]
         return entity_tower.encode(rows, batch_size=256)
 
     return DenseScorer(encode_queries, encode_entities)
