@@ -350,9 +350,9 @@ def evaluate_xquad(
     data = load_xquad_r(root, languages=languages)
     rows = [{k: row[k] for k in ("id", *TEXT_FIELDS)} for row in data.sentences]  # grouped by language
     position = {row["id"]: i for i, row in enumerate(rows)}  # index in the pooled corpus
-    starts = {}
+    bounds: dict[str, list[int]] = {}  # language → [start, end) of its sentences in `rows`
     for i, row in enumerate(data.sentences):
-        starts.setdefault(row["language"], i)
+        bounds.setdefault(row["language"], [i, i])[1] = i + 1
     golds: dict[str, dict[str, int]] = {}  # question id → language → gold position
     same_text: dict[tuple[str, str], set[str]] = {}  # (language, text) → question ids
     for q in data.questions:
@@ -366,8 +366,8 @@ def evaluate_xquad(
         if not questions:
             raise ValueError(f"No {split} questions in language {language!r}.")
         texts = [q["question"] for q in questions]
-        start = starts[language]
-        pool = [row for row in rows if row["id"].startswith(f"{language}/")]
+        start, end = bounds[language]
+        pool = rows[start:end]
         gold = np.array([golds[q["id"]][language] - start for q in questions])  # (n,) positions in the pool
         twins = [same_text[(language, q["question"])] for q in questions]
         # The golds of identically worded questions are not negatives.
