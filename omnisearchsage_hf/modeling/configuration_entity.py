@@ -22,6 +22,37 @@ def _primes_below(limit: int, count: int) -> list[int]:
     return primes
 
 
+def fill_hash_parameters(config: PreTrainedConfig) -> None:
+    """Draw the universal hash parameters a config leaves as None (``hash_a``, ``hash_b``, ``hash_p``).
+
+    Primes ``p_i`` just below 2**31 (> any vocabulary); ``a_i``, ``b_i`` from ``hash_seed``. Any config with
+    the hash embedding's fields (``num_hashes``, ``hash_seed``, ``hash_a/b/p``) can use it.
+    """
+    if config.hash_p is None:
+        config.hash_p = _primes_below(2**31, config.num_hashes)
+    rng = random.Random(config.hash_seed)
+    if config.hash_a is None:
+        config.hash_a = [rng.randrange(1, p) for p in config.hash_p]
+    if config.hash_b is None:
+        config.hash_b = [rng.randrange(0, p) for p in config.hash_p]
+
+
+def check_hash_parameters(config: PreTrainedConfig) -> None:
+    """Raise unless each hash parameter has ``num_hashes`` entries, ``p > vocab_size``, ``1 <= a < p``, ``0 <= b < p``.
+
+    Any config with the hash embedding's fields can use it.
+    """
+    for name in ("hash_a", "hash_b", "hash_p"):
+        if len(getattr(config, name)) != config.num_hashes:
+            raise ValueError(f"`{name}` has {len(getattr(config, name))} entries; `num_hashes` is {config.num_hashes}.")
+    for a, b, p in zip(config.hash_a, config.hash_b, config.hash_p):
+        if not (p > config.vocab_size and 1 <= a < p and 0 <= b < p):
+            raise ValueError(
+                f"Hash parameters need p > vocab_size ({config.vocab_size}), 1 <= a < p and 0 <= b < p; "
+                f"got a={a}, b={b}, p={p}."
+            )
+
+
 @strict
 class OmniSearchSageEntityConfig(PreTrainedConfig):
     r"""Configuration of [`OmniSearchSageEntityModel`], the tower that embeds pins and products.
@@ -95,14 +126,12 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
         # Sorted by name: the model concatenates in this order, and saved JSON sorts dict keys anyway.
         self.dense_features = dict(sorted((self.dense_features or DEFAULT_DENSE_FEATURES).items()))
         self.residual_features = {name: float(w) for name, w in sorted((self.residual_features or {}).items())}
-        if self.hash_p is None:
-            self.hash_p = _primes_below(2**31, self.num_hashes)
-        rng = random.Random(self.hash_seed)
-        if self.hash_a is None:
-            self.hash_a = [rng.randrange(1, p) for p in self.hash_p]
-        if self.hash_b is None:
-            self.hash_b = [rng.randrange(0, p) for p in self.hash_p]
+        fill_hash_parameters(self)
         super().__post_init__(**kwargs)
+
+    def input_features(self) -> list[str]:
+        """The entity-dict keys the tower reads: its text fields, then its pre-existing embeddings."""
+        return [*self.text_fields, *self.dense_features]
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: sizes, field names and hash parameters agree."""
@@ -125,15 +154,7 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
                 f"`residual_features` {wrong} must be dense features of width out_dim ({self.out_dim}); "
                 f"dense features: {self.dense_features}."
             )
-        for name in ("hash_a", "hash_b", "hash_p"):
-            if len(getattr(self, name)) != self.num_hashes:
-                raise ValueError(f"`{name}` has {len(getattr(self, name))} entries; `num_hashes` is {self.num_hashes}.")
-        for a, b, p in zip(self.hash_a, self.hash_b, self.hash_p):
-            if not (p > self.vocab_size and 1 <= a < p and 0 <= b < p):
-                raise ValueError(
-                    f"Hash parameters need p > vocab_size ({self.vocab_size}), 1 <= a < p and 0 <= b < p; "
-                    f"got a={a}, b={b}, p={p}."
-                )
+        check_hash_parameters(self)
 
 
-__all__ = ["OmniSearchSageEntityConfig"]
+__all__ = ["OmniSearchSageEntityConfig", "check_hash_parameters", "fill_hash_parameters"]

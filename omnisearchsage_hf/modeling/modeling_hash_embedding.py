@@ -5,7 +5,9 @@ table of B rows (100k) and maps each token id t to k rows with universal hashes
 ``h_i(t) = ((a_i * t + b_i) mod p_i) mod B``, mixed by a learned importance weight per (token, hash).
 Two tokens that collide in one row almost never collide in the other, so quality stays close to a full
 table at a twelfth of the size. One ``F.embedding_bag`` call with ``per_sample_weights`` computes every
-bag of a batch.
+bag of a batch. Each field's bag is then LayerNorm-ed with its own scale and shift (``FieldLayerNorm``).
+Both the entity tower and ItemSage embed text this way; any config with the hash fields (``vocab_size``,
+``num_buckets``, ``embedding_dim``, ``num_hashes``, ``hash_a/b/p``, ``text_fields``) builds them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedConfig
+from transformers import initialization as init
 
 from .configuration_entity import OmniSearchSageEntityConfig
 
@@ -62,4 +66,37 @@ class HashEmbeddingBag(nn.Module):
         )  # (num_bags, embedding_dim)
 
 
-__all__ = ["HashEmbeddingBag"]
+class FieldLayerNorm(nn.Module):
+    """LayerNorm with its own scale and shift per text field; absent fields contribute zero.
+
+    Inputs:
+        bags: ``(num_fields, batch_size, dim)`` summed n-gram embeddings.
+        present: ``(num_fields, batch_size)`` bool, False where a field's bag is empty.
+    """
+
+    def __init__(self, config: OmniSearchSageEntityConfig):
+        super().__init__()
+        self.eps = config.layer_norm_eps
+        self.weight = nn.Parameter(torch.empty(len(config.text_fields), config.embedding_dim))
+        self.bias = nn.Parameter(torch.empty(len(config.text_fields), config.embedding_dim))
+
+    def forward(self, bags: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(bags, bags.shape[-1:], eps=self.eps)  # (num_fields, batch_size, dim)
+        normed = normed * self.weight[:, None, :] + self.bias[:, None, :]
+        # Without the mask a missing field would still add its bias, so "no title" would look like a title.
+        return normed * present[..., None].to(normed.dtype)
+
+
+@torch.no_grad()
+def init_text_bags(module: nn.Module, config: PreTrainedConfig) -> None:
+    """``_init_weights`` of a ``HashEmbeddingBag`` or ``FieldLayerNorm`` (other modules are left alone)."""
+    if isinstance(module, HashEmbeddingBag):
+        init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+        init.ones_(module.importance)
+        init.copy_(module.bucket_table, module.bucket_ids(torch.arange(config.vocab_size)))
+    elif isinstance(module, FieldLayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+
+
+__all__ = ["FieldLayerNorm", "HashEmbeddingBag", "init_text_bags"]
