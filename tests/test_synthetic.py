@@ -254,3 +254,27 @@ def test_command_line_writes_a_world(tmp_path, capsys):
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):
         SyntheticWorldConfig(**{field: value})
+
+
+def test_pin_product_pairs_for_itemsage():
+    """Pin → product engagements: held-out pins, mostly on-topic, every product engagement type, many images."""
+    config = SyntheticWorldConfig(**{**SMALL, "num_pin_product_pairs": 2000, "max_images": 20, "multi_image_rate": 0.8})
+    world = generate_world(config)
+    assert generate_world(SyntheticWorldConfig(**SMALL)).pairs.keys() == set(TASKS)  # off by default
+    # The other tables do not change when pin → product pairs are added.
+    plain = generate_world(SyntheticWorldConfig(**{**SMALL, "max_images": 20, "multi_image_rate": 0.8}))
+    assert plain.pairs["query_product"]["train"].table.equals(world.pairs["query_product"]["train"].table)
+    train = world.pairs["pin_product"]["train"].table.to_pandas()
+    test = world.pairs["pin_product"]["test"].table.to_pandas()
+    assert len(train) > 800 and len(test) > 50  # repeats of one (pin, product, engagement) merge
+    pins, products = set(world.pins.column("id")), set(world.products.column("id"))
+    assert set(train["query"]) | set(test["query"]) <= pins
+    assert set(train["candidate_id"]) | set(test["candidate_id"]) <= products
+    assert not set(train["query"]) & set(test["query"])  # split by pin
+    assert set(train["engagement"]) == set(PRODUCT_ENGAGEMENTS)  # clicks, saves, add to cart, checkout, closeups
+    topic_of_pin = dict(zip(world.pins.column("id"), world.pins.column("topic")))
+    topic_of_product = dict(zip(world.products.column("id"), world.products.column("topic")))
+    on_topic = np.mean([topic_of_pin[p] == topic_of_product[c] for p, c in zip(train["query"], train["candidate_id"])])
+    assert 0.85 < on_topic < 1.0
+    images = [len(v) for v in world.products.table.column("visual_embedding").to_pylist()]
+    assert max(images) == 20 and min(images) == 1

@@ -54,7 +54,7 @@ _TEXT_SPECS = {  # kind of text: (min words, max words, share of topic words; th
     "caption": (4, 9, 0.6),
     "board_title": (1, 3, 0.7),
 }
-_STREAMS = {"lexicon": 1, "queries": 2, "entities": 3, "pin": 4, "product": 5, "pairs": 6}
+_STREAMS = {"lexicon": 1, "queries": 2, "entities": 3, "pin": 4, "product": 5, "pairs": 6, "pin_product": 7}
 
 
 class _Script(NamedTuple):
@@ -118,6 +118,10 @@ class SyntheticWorldConfig:
             engagement) merge into one row whose ``count`` adds up, so there are at most this many rows.
         num_query_product_pairs: The same for query→product.
         num_query_query_pairs: The same for query→query (clicks on related queries); self pairs are dropped.
+        num_pin_product_pairs: Pin→product engagement events (a product engaged from a pin's page: the
+            ItemSage paper's second surface). 0 (default) makes no ``pin_product`` pairs; otherwise pins
+            are drawn by popularity and products as for queries, and ``test_fraction`` of the pins are held
+            out (their pairs form the test split).
         noise_rate: Share of events whose candidate comes from any topic (off-topic engagement).
         same_language_rate: Share of on-topic entity events kept within the query's language.
         translation_rate: Share of query intents also searched in a second language.
@@ -155,6 +159,7 @@ class SyntheticWorldConfig:
     num_query_pin_pairs: int = 20_000
     num_query_product_pairs: int = 5_000
     num_query_query_pairs: int = 5_000
+    num_pin_product_pairs: int = 0
     noise_rate: float = 0.05
     same_language_rate: float = 0.8
     translation_rate: float = 0.3
@@ -259,6 +264,7 @@ class SyntheticWorld:
             other languages), split ("train" or "test").
         pairs: ``pairs[task][split]`` for task in ``TASKS`` and split in ``SPLITS``, with columns query,
             candidate_id (an entity id, or the other query's text for query_query), engagement, count.
+            With ``num_pin_product_pairs`` > 0 also ``pairs["pin_product"]``, whose ``query`` is a pin id.
     """
 
     config: SyntheticWorldConfig
@@ -350,7 +356,7 @@ def generate_world(config: SyntheticWorldConfig, *, show_progress_bar: bool = Fa
     """
     sizes = {"pin": config.num_pins, "product": config.num_products}
     blocks = {kind: range(0, n, BLOCK_SIZE) for kind, n in sizes.items()}
-    total_steps = 2 + sum(len(b) for b in blocks.values()) + len(TASKS)
+    total_steps = 2 + sum(len(b) for b in blocks.values()) + len(TASKS) + bool(config.num_pin_product_pairs)
     progress = tqdm(total=total_steps, desc="Generating world", disable=not show_progress_bar)
     lexicon = _Lexicon.build(config, _rng(config, "lexicon"))
     queries = _QueryLog.build(config, lexicon, _rng(config, "queries"))
@@ -385,7 +391,19 @@ def generate_world(config: SyntheticWorldConfig, *, show_progress_bar: bool = Fa
     for task, (q, candidates, engagements) in events.items():
         engagement = rng.choice(len(engagements), size=len(q), p=list(engagements.values()))
         candidate_ids = None if task == "query_query" else catalogues[task.split("_")[1]].ids
-        pairs[task] = _pair_splits(queries, q, candidates, engagement, list(engagements), candidate_ids)
+        pairs[task] = _pair_splits(
+            queries.texts, queries.is_test, q, candidates, engagement, list(engagements), candidate_ids
+        )
+        progress.update(1)
+    if config.num_pin_product_pairs:
+        rng = _rng(config, "pin_product")
+        pins = catalogues["pin"]
+        held_out = rng.random(len(pins.topics)) < config.test_fraction
+        pin, product = catalogues["product"].engaged_by(pins, config.num_pin_product_pairs, rng)
+        engagement = rng.choice(len(PRODUCT_ENGAGEMENTS), size=len(pin), p=list(PRODUCT_ENGAGEMENTS.values()))
+        pairs["pin_product"] = _pair_splits(
+            pins.ids, held_out, pin, product, engagement, list(PRODUCT_ENGAGEMENTS), catalogues["product"].ids
+        )
         progress.update(1)
     progress.close()
     return SyntheticWorld(config, tables["pin"], tables["product"], SyntheticTable(queries.table()), pairs)
@@ -712,8 +730,20 @@ class _Catalogue:
             same_language_rate=config.same_language_rate,
         )
 
-    def engaged_by(self, queries: _QueryLog, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` (query, entity) events (see ``generate_world``)."""
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` entity indices drawn by popularity (as anchors of pin → product events)."""
+        cumulative = np.cumsum(self.popularity, dtype=np.float64)
+        drawn = np.searchsorted(cumulative, rng.random(n) * cumulative[-1], side="right")
+        return np.minimum(drawn, len(cumulative) - 1)
+
+    def engaged_by(
+        self, queries: _QueryLog | _Catalogue, n: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` (anchor, entity) events: anchors are queries or another catalogue's entities (pins).
+
+        See ``generate_world``: an entity of the anchor's topic and (``same_language_rate``) language, by
+        popularity, or with ``noise_rate`` any entity.
+        """
         q = queries.sample(n, rng)
         groups = self.topics * self.num_languages + self.languages
         same_language = _GroupSampler(groups, self.popularity, self.num_topics * self.num_languages)
@@ -821,29 +851,31 @@ def _engaged_queries(
 
 
 def _pair_splits(
-    queries: _QueryLog,
+    anchor_names: pa.Array,
+    anchor_is_test: np.ndarray,
     q: np.ndarray,
     candidate: np.ndarray,
     engagement: np.ndarray,
     names: list[str],
     candidate_ids: pa.Array | None,
 ) -> dict[str, SyntheticTable]:
-    """Merge repeated events into counted rows and split them by query.
+    """Merge repeated events into counted rows and split them by anchor (the query, or the pin).
 
-    ``candidate_ids=None`` means the candidates are queries, named by their text; a train row then
-    names no test query on either side.
+    ``anchor_names`` names each anchor (query texts, pin ids) and ``anchor_is_test`` holds it out.
+    ``candidate_ids=None`` means the candidates are anchors too (query→query); a train row then names no
+    test anchor on either side.
     """
     rows, counts = np.unique(np.column_stack([q, candidate, engagement]), axis=0, return_counts=True)
     table = pa.table(
         {
-            "query": queries.texts.take(pa.array(rows[:, 0])),
-            "candidate_id": (queries.texts if candidate_ids is None else candidate_ids).take(pa.array(rows[:, 1])),
+            "query": anchor_names.take(pa.array(rows[:, 0])),
+            "candidate_id": (anchor_names if candidate_ids is None else candidate_ids).take(pa.array(rows[:, 1])),
             "engagement": pa.array(names, pa.string()).take(pa.array(rows[:, 2])),
             "count": pa.array(counts.astype(np.int64)),
         }
     )
-    test = queries.is_test[rows[:, 0]]
-    train = ~test & ~queries.is_test[rows[:, 1]] if candidate_ids is None else ~test
+    test = anchor_is_test[rows[:, 0]]
+    train = ~test & ~anchor_is_test[rows[:, 1]] if candidate_ids is None else ~test
     return {
         "train": SyntheticTable(table.filter(pa.array(train))),
         "test": SyntheticTable(table.filter(pa.array(test))),
