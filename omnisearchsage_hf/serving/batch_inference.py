@@ -31,7 +31,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ..modeling import OmniSearchSageEntityModel
+from ..modeling import ItemSageModel, OmniSearchSageEntityModel
 from ..training.data import EntityTable, read_table
 from ..training.synthetic import _replace_atomically
 
@@ -99,7 +99,7 @@ def process_chunks(num_chunks: int, process_index: int, num_processes: int) -> r
 
 
 def embed_entity_table(
-    model: OmniSearchSageEntityModel,
+    model: OmniSearchSageEntityModel | ItemSageModel,
     table: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
@@ -116,7 +116,7 @@ def embed_entity_table(
     each other and the main process merges. In a single plain process it does all of it.
 
     Args:
-        model: The entity tower (with its tokenizer), e.g. ``AutoModel.from_pretrained(folder)``.
+        model: The entity tower or an ItemSage model (with its tokenizer), e.g. ``AutoModel.from_pretrained(folder)``.
         table: A parquet, jsonl or csv file with an ``id`` column and the tower's feature columns.
         output_dir: Output folder (created if missing); reuse it to resume.
         entity_type: The table's entity type, recorded for index building (e.g. ``pin``, ``product``).
@@ -145,7 +145,7 @@ def embed_entity_table(
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     state = state or PartialState()
     output_dir = Path(output_dir)
-    features = [*model.config.text_fields, *model.config.dense_features]
+    features = model.config.input_features()
     entities = EntityTable(read_table(table), features, name=str(table))
     num_chunks = math.ceil(len(entities) / chunk_size)
     plan = {

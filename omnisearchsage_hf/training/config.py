@@ -17,6 +17,7 @@ import yaml
 
 DataSource = Literal["files", "synthetic", "xquad_r", "amazon_pqa"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+EntityArchitecture = Literal["omnisearchsage", "itemsage"]
 # Paper §3.5: at most 50 training pairs per pin and 200 per product, so popular entities don't dominate.
 DEFAULT_POPULARITY_CAPS = {"pin": 50, "product": 200}
 
@@ -37,6 +38,12 @@ class TaskConfig:
             tables and no cap otherwise.
         num_random_negatives: Catalogue negatives per process and step (0 disables the random-negative
             cross-entropy); sampled uniformly from the candidate table.
+        query_feature: None (default): the ``query`` column is text for the query tower. ``"<table>:<feature>"``:
+            the ``query`` column holds ids of that entity table, and the query side is their fixed
+            pre-existing embedding ``feature`` (e.g. ``pin:pinsage_embedding`` for pin → product pairs, or a
+            legacy query embedding), which keeps the candidate tower compatible with that space.
+        engagements: Keep only the pairs whose ``engagement`` column is one of these (e.g. ``[checkout]``),
+            for one task per engagement type; None keeps every pair.
     """
 
     name: str
@@ -46,6 +53,8 @@ class TaskConfig:
     share: float = 1.0
     max_pairs_per_candidate: int | None = None
     num_random_negatives: int = 0
+    query_feature: str | None = None
+    engagements: list[str] | None = None
 
 
 @dataclass
@@ -62,6 +71,10 @@ class DataConfig:
         root: Folder of the real data sets, read in place (never copied into the repository).
         options: Keyword options of the real source's table builder (``build_xquad_r_tables``,
             ``build_epqa_tables``), e.g. ``{compat_encoder: <folder>}`` or ``{engaged_queries: false}``.
+        embedding_sources: ``"<table>.<feature>" → model folder``: before training, that model (e.g. a
+            trained ItemSage) embeds every row of the table by batch inference, and its embeddings become
+            the table's column ``feature``, replacing one of that name. The entity tower then reads them
+            as a pre-existing embedding and ``compat:<table>:<feature>`` tasks train against them.
     """
 
     source: DataSource = "files"
@@ -70,6 +83,7 @@ class DataConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)
     root: str = "../shared/data"
     options: dict[str, Any] = field(default_factory=dict)
+    embedding_sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +96,11 @@ class ModelConfig:
         backbone_config: Encoder config dict (with ``model_type``) for a from-scratch query tower.
         query_tokenizer_vocab_size: WordPiece vocabulary of a from-scratch query tower.
         query: Other ``OmniSearchSageQueryConfig`` fields (``pooling``, ``out_dim``, ``query_prefix``…).
-        entity: ``OmniSearchSageEntityConfig`` fields (``text_fields``, ``dense_features``…).
+        entity_architecture: The candidate tower of ``entity:`` tasks: ``omnisearchsage`` (the entity tower
+            of the paper, pins and products) or ``itemsage`` (ItemSage, a transformer over a product's
+            images and text fields; see ``ItemSageModel``).
+        entity: Fields of that tower's config (``OmniSearchSageEntityConfig``: ``text_fields``,
+            ``dense_features``…; ``ItemSageConfig``: ``text_fields``, ``image_feature``, ``hidden_size``…).
         tokenizer: Folder of a saved entity tokenizer; None builds one from the training entities' text.
         vocab: ``build_vocab`` arguments when the tokenizer is built.
         freeze_backbone_embeddings: Keep the query backbone's token embeddings fixed. A multilingual
@@ -97,6 +115,7 @@ class ModelConfig:
     backbone_config: dict[str, Any] | None = None
     query_tokenizer_vocab_size: int = 4000
     query: dict[str, Any] = field(default_factory=dict)
+    entity_architecture: EntityArchitecture = "omnisearchsage"
     entity: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     vocab: dict[str, Any] = field(default_factory=dict)
@@ -279,6 +298,22 @@ def validate_config(config: TrainingConfig) -> None:
             )
         if task.share <= 0:
             raise ValueError(f"Task {task.name!r}: `share` must be > 0, got {task.share!r}.")
+        if task.query_feature is not None and (kind == "query" or task.query_feature.count(":") != 1):
+            raise ValueError(
+                f"Task {task.name!r}: `query_feature` {task.query_feature!r} must be '<table>:<feature>', and "
+                "the candidate an entity or compat tower."
+            )
+        engagements = task.engagements
+        if engagements is not None and not (
+            isinstance(engagements, list) and engagements and all(isinstance(e, str) for e in engagements)
+        ):
+            raise ValueError(f"Task {task.name!r}: `engagements` must be a non-empty list of names or null.")
+    architecture = config.model.entity_architecture
+    if architecture not in ("omnisearchsage", "itemsage"):
+        raise ValueError(f"`model.entity_architecture` must be 'omnisearchsage' or 'itemsage', got {architecture!r}.")
+    for key in config.data.embedding_sources:
+        if key.count(".") != 1 or not all(key.split(".")):
+            raise ValueError(f"`data.embedding_sources` key {key!r} must be '<table>.<feature>'.")
     if config.model.backbone is None and config.model.backbone_config is None:
         raise ValueError("Set `model.backbone` (a pretrained encoder folder) or `model.backbone_config`.")
 

@@ -2,8 +2,9 @@
 
 Files may be parquet, jsonl or csv. An entity table has an ``id`` column plus the feature columns the
 entity tower reads (text fields, pre-existing embeddings); a pair file has ``query`` and
-``candidate_id`` columns. Ids become row indices once at load time, so the training loop only moves
-integers around, and the same files give the same indices on every process.
+``candidate_id`` columns, and an ``engagement`` column for tasks that keep one engagement type. Ids
+become row indices once at load time, so the training loop only moves integers around, and the same
+files give the same indices on every process.
 """
 
 from __future__ import annotations
@@ -90,20 +91,46 @@ class TaskPairs:
         return len(self.queries)
 
 
-def load_pairs(
-    path: str | Path, candidate_row: Mapping[str, int] | None, *, task: str, max_per_candidate: int | None, seed: int
-) -> TaskPairs:
-    """Read a pair file, map candidate ids to rows, and apply the popularity cap.
+def read_pairs(path: str | Path, *, task: str, engagements: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """``(queries, candidate_ids)`` of a pair file, as strings, keeping only ``engagements`` if given.
 
-    With ``candidate_row=None`` (query→query tasks) the candidates are the distinct ``candidate_id``
-    texts themselves, numbered in sorted order.
+    Raises when a column is missing, or when the engagement filter keeps nothing (naming the engagement
+    types the file has), so a typo in a config never trains on zero pairs.
     """
     table = read_table(path)
-    missing = {"query", "candidate_id"} - set(table.column_names)
+    needed = {"query", "candidate_id"} | ({"engagement"} if engagements is not None else set())
+    missing = needed - set(table.column_names)
     if missing:
         raise ValueError(f"Pairs of task {task!r} ({path}) lack column(s) {sorted(missing)}.")
     queries = [str(q) for q in table["query"]]
     candidate_ids = [str(c) for c in table["candidate_id"]]
+    if engagements is not None:
+        kinds = table["engagement"]
+        keep = [i for i, kind in enumerate(kinds) if kind in set(engagements)]
+        if not keep:
+            raise ValueError(
+                f"Task {task!r}: no pair in {path} has an engagement in {list(engagements)}; "
+                f"the file has {sorted(set(map(str, kinds)))}."
+            )
+        queries, candidate_ids = [queries[i] for i in keep], [candidate_ids[i] for i in keep]
+    return queries, candidate_ids
+
+
+def load_pairs(
+    path: str | Path,
+    candidate_row: Mapping[str, int] | None,
+    *,
+    task: str,
+    max_per_candidate: int | None,
+    seed: int,
+    engagements: Sequence[str] | None = None,
+) -> TaskPairs:
+    """Read a pair file (see ``read_pairs``), map candidate ids to rows, and apply the popularity cap.
+
+    With ``candidate_row=None`` (query→query tasks) the candidates are the distinct ``candidate_id``
+    texts themselves, numbered in sorted order.
+    """
+    queries, candidate_ids = read_pairs(path, task=task, engagements=engagements)
     candidate_texts = None
     if candidate_row is None:
         candidate_texts = sorted(set(candidate_ids))
@@ -126,4 +153,4 @@ def popularity_cap(task: TaskConfig) -> int | None:
     return DEFAULT_POPULARITY_CAPS.get(table.split(":")[0]) if kind in ("entity", "compat") else None
 
 
-__all__ = ["EntityTable", "TaskPairs", "load_pairs", "popularity_cap", "read_table"]
+__all__ = ["EntityTable", "TaskPairs", "load_pairs", "popularity_cap", "read_pairs", "read_table"]

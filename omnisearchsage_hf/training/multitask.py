@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import CompatibilityTower, OmniSearchSageEntityModel, OmniSearchSageQueryModel
@@ -26,7 +27,8 @@ class TaskBatch:
     """One task's share of a step, as positions into the step's shared embedding calls.
 
     Attributes:
-        queries: Rows of the step's query-tower output that are this task's queries ``(n,)``.
+        queries: Rows of the step's query-tower output that are this task's queries ``(n,)``; empty when
+            ``query_vectors`` holds them.
         candidates: Rows of the candidate tower's output (query-tower output for ``query`` tasks,
             entity-tower output for ``entity`` tasks) ``(n,)``; unused for ``compat`` tasks.
         negatives: Rows of random negatives in the same output ``(m,)`` (empty when disabled).
@@ -34,6 +36,8 @@ class TaskBatch:
             ``compat`` tasks.
         query_ids, candidate_ids, negative_ids: int64 ids for accidental-hit masking and frequencies.
         negative_log_q: ``(m,)`` log sampling probability of each random negative.
+        query_vectors: ``(n, dim)`` fixed pre-existing query-side embeddings (a ``query_feature`` task,
+            e.g. pins' PinSage embeddings for pin → product), or None for query-tower queries.
     """
 
     queries: torch.Tensor
@@ -45,13 +49,17 @@ class TaskBatch:
     negative_log_q: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     compat_candidates: torch.Tensor | None = None
     compat_negatives: torch.Tensor | None = None
+    query_vectors: torch.Tensor | None = None
 
 
 @dataclass
 class StepBatch:
-    """Everything one micro-step needs: tokenized query-tower inputs, entity inputs, and per-task rows."""
+    """Everything one micro-step needs: tokenized query-tower inputs, entity inputs, and per-task rows.
 
-    query_inputs: dict[str, torch.Tensor]
+    ``query_inputs`` is None when no task of the step has text on the query side.
+    """
+
+    query_inputs: dict[str, torch.Tensor] | None
     entity_inputs: dict[str, Any] | None
     tasks: dict[str, TaskBatch]
 
@@ -119,11 +127,13 @@ class MultiTaskModel(nn.Module):
         }
 
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        query_out = self.query_tower(**batch.query_inputs).embeddings  # (num_query_rows, out_dim)
+        query_out = (
+            self.query_tower(**batch.query_inputs).embeddings if batch.query_inputs is not None else None
+        )  # (num_query_rows, out_dim)
         entity_out = (
             self.entity_tower(**batch.entity_inputs).embeddings if batch.entity_inputs is not None else None
         )  # (num_entity_rows, out_dim)
-        total = query_out.new_zeros(())
+        total = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         for name, task in batch.tasks.items():
             kind = self.task_kinds[name]
@@ -136,8 +146,12 @@ class MultiTaskModel(nn.Module):
                 candidates = source[task.candidates]  # (n, out_dim)
                 negatives = source[task.negatives] if len(task.negatives) else None  # (m, out_dim)
             has_negatives = negatives is not None and len(negatives) > 0
+            if task.query_vectors is not None:
+                queries = F.normalize(task.query_vectors.float(), p=2, dim=-1)  # fixed: no gradient
+            else:
+                queries = query_out[task.queries]  # (n, out_dim)
             loss, task_parts = self.losses[name](
-                query_embeddings=query_out[task.queries],
+                query_embeddings=queries,
                 candidate_embeddings=candidates,
                 query_ids=task.query_ids,
                 candidate_ids=task.candidate_ids,

@@ -26,10 +26,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
 from ..evaluation import RecallEvaluator
 from ..modeling import (
+    ItemSageConfig,
+    ItemSageModel,
     OmniSearchSageEntityConfig,
     OmniSearchSageEntityModel,
     OmniSearchSageQueryConfig,
@@ -37,12 +39,19 @@ from ..modeling import (
 )
 from ..tokenization import OmniSearchSageTokenizer, build_vocab
 from .config import TaskConfig, TrainingConfig
-from .data import EntityTable, TaskPairs, load_pairs, popularity_cap, read_table
+from .data import EntityTable, TaskPairs, load_pairs, popularity_cap, read_pairs, read_table
 from .multitask import MultiTaskModel, StepBatch, TaskBatch
 from .sources import prepare_source
+from .synthetic import _replace_atomically
 from .tasks import pair_indices, random_negative_indices, task_batch_sizes
 
 CHECKPOINTS = "checkpoints"
+# `model.entity_architecture` → the config and model of the candidate tower of `entity:` tasks.
+ENTITY_ARCHITECTURES = {
+    "omnisearchsage": (OmniSearchSageEntityConfig, OmniSearchSageEntityModel),
+    "itemsage": (ItemSageConfig, ItemSageModel),
+}
+SOURCE_EMBEDDINGS = "embeddings"  # under <output_dir>/data: the columns computed from `data.embedding_sources`
 
 
 def learning_rate(step: int, *, base: float, warmup_steps: int, max_steps: int) -> float:
@@ -121,6 +130,19 @@ def _feature_dim(table: EntityTable, feature: str) -> int:
     raise ValueError(f"Entity table {table.name!r} has no value in column {feature!r}.")
 
 
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file object: `np.save` would append ".npy" to a path
+        np.save(handle, array, allow_pickle=False)
+
+
+def _rows_of(table: EntityTable, ids: list[str], task: str) -> list[int]:
+    """Rows of entity ids that a ``query_feature`` task names in its ``query`` column."""
+    unknown = next((i for i in ids if i not in table.row_of), None)
+    if unknown is not None:
+        raise ValueError(f"Task {task!r}: query {unknown!r} is not an id of entity table {table.name!r}.")
+    return [table.row_of[i] for i in ids]
+
+
 def _dense_rows(table: EntityTable, feature: str, dim: int, rows: np.ndarray | list[int]) -> np.ndarray:
     """``(len(rows), dim)`` float32 pre-existing embeddings; per-image lists are averaged, missing → 0."""
     out = np.zeros((len(rows), dim), dtype=np.float32)
@@ -146,12 +168,14 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         train = config.train
-        # Without an entity task the entity tower gets no gradient, which DDP rejects unless told to expect it.
-        uses_entity_tower = any(task.candidate.startswith("entity:") for task in config.data.tasks)
+        self.uses_entity_tower = any(task.candidate.startswith("entity:") for task in config.data.tasks)
+        self.uses_query_tower = any(t.query_feature is None or t.candidate == "query" for t in config.data.tasks)
+        # A tower without a task gets no gradient, which DDP rejects unless told to expect it.
+        unused = not (self.uses_entity_tower and self.uses_query_tower)
         self.accelerator = Accelerator(
             # Accelerate only picks gloo multi-process training on CPU when told the run is a CPU run.
             cpu=not _has_accelerator(),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not uses_entity_tower)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
             mixed_precision=train.mixed_precision,
             log_with="tensorboard",
             project_dir=str(self.output_dir),
@@ -167,24 +191,35 @@ class Trainer:
             fn()
         self.accelerator.wait_for_everyone()
 
+    def _entity_config(self, defaults: dict[str, Any] | None = None) -> OmniSearchSageEntityConfig | ItemSageConfig:
+        """The candidate tower's config from ``model.entity``, over ``defaults``."""
+        config_class, _ = ENTITY_ARCHITECTURES[self.config.model.entity_architecture]
+        return config_class(**{**(defaults or {}), **self.config.model.entity})
+
     def _load_data(self) -> None:
         config = self.config
         data_dir = self.output_dir / "data"
         self._on_main_then_all(lambda: prepare_source(config, data_dir))
         base = Path(".") if config.data.source == "files" else data_dir
-        entity_config = OmniSearchSageEntityConfig(**config.model.entity)
-        features = list(entity_config.text_fields) + list(entity_config.dense_features)
-        tables = {t.candidate.split(":")[1] for t in self.tasks if t.candidate.split(":")[0] in ("entity", "compat")}
-        missing = sorted(tables - set(config.data.entities))
+        self._on_main_then_all(lambda: self._embed_sources(base, data_dir))
+        features = self._entity_config().input_features()
+        candidate_tables = {
+            t.candidate.split(":")[1] for t in self.tasks if t.candidate.split(":")[0] in ("entity", "compat")
+        }
+        query_tables = {t.query_feature.split(":")[0] for t in self.tasks if t.query_feature is not None}
+        missing = sorted((candidate_tables | query_tables) - set(config.data.entities))
         if missing:
             raise ValueError(f"Tasks use entity table(s) {missing}; declare them under `data.entities`.")
-        compat_features = [t.candidate.split(":")[2] for t in self.tasks if t.candidate.startswith("compat:")]
+        extra = [t.candidate.split(":")[2] for t in self.tasks if t.candidate.startswith("compat:")]
+        extra += [t.query_feature.split(":")[1] for t in self.tasks if t.query_feature is not None]
         self.tables = {
-            name: EntityTable(read_table(base / config.data.entities[name]), features + compat_features, name)
-            for name in sorted(tables)
+            name: EntityTable(self._read_entities(name, base, data_dir), features + extra, name)
+            for name in sorted(candidate_tables | query_tables)
         }
         self.pairs: dict[str, TaskPairs] = {}
         self.eval_pairs: dict[str, list[tuple[str, str]]] = {}
+        self.query_rows: dict[str, np.ndarray] = {}  # query_feature tasks: row of each pair's query entity
+        self.query_dims: dict[str, int] = {}
         for index, task in enumerate(self.tasks):
             if task.pairs is None:
                 raise ValueError(f"Task {task.name!r} has no `pairs` file.")
@@ -195,16 +230,63 @@ class Trainer:
                 task=task.name,
                 max_per_candidate=popularity_cap(task),
                 seed=config.train.seed + index,
+                engagements=task.engagements,
             )
+            if task.query_feature is not None:
+                query_table, feature = self._query_table(task), task.query_feature.split(":")[1]
+                self.query_rows[task.name] = np.array(
+                    _rows_of(query_table, self.pairs[task.name].queries, task.name), dtype=np.int64
+                )
+                self.query_dims[task.name] = _feature_dim(query_table, feature)
             if task.eval_pairs:
-                held_out = read_table(base / task.eval_pairs)
-                pairs = list(zip(map(str, held_out["query"]), map(str, held_out["candidate_id"])))
+                queries, candidates = read_pairs(base / task.eval_pairs, task=task.name, engagements=task.engagements)
+                pairs = list(zip(queries, candidates))
                 order = np.random.default_rng(config.train.seed).permutation(len(pairs))[: config.eval.max_pairs]
                 self.eval_pairs[task.name] = [pairs[i] for i in sorted(order)]
+
+    def _embed_sources(self, base: Path, data_dir: Path) -> None:
+        """Embed each ``data.embedding_sources`` table with its model into ``data/embeddings/<table>.<feature>.npy``.
+
+        Recomputed at every start (a resumed run included): the source model is fixed, so the same file
+        comes out, and no stale cache can outlive a retrained source model.
+        """
+        for key, folder in self.config.data.embedding_sources.items():
+            table, _ = key.split(".")
+            if table not in self.config.data.entities:
+                raise ValueError(f"`data.embedding_sources` names table {table!r}; declare it under `data.entities`.")
+            model = AutoModel.from_pretrained(os.path.expanduser(folder))
+            if not hasattr(model, "encode") or not hasattr(model.config, "input_features"):
+                raise ValueError(
+                    f"`data.embedding_sources[{key!r}]`: {folder} is a {type(model).__name__}; expected a model "
+                    "that embeds entity dicts (an ItemSage or entity tower folder)."
+                )
+            rows = EntityTable(
+                read_table(base / self.config.data.entities[table]), model.config.input_features(), table
+            )
+            vectors = model.encode(rows.rows(range(len(rows))), batch_size=256, show_progress_bar=True)
+            path = data_dir / SOURCE_EMBEDDINGS / f"{key}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _replace_atomically(path, functools.partial(_save_npy, array=vectors))
+            self.accelerator.print(f"Embedded {len(rows)} rows of {table!r} with {folder} into {path}")
+
+    def _read_entities(self, name: str, base: Path, data_dir: Path) -> Any:
+        """Entity table ``name``, with the columns ``data.embedding_sources`` computes for it put in place."""
+        dataset = read_table(base / self.config.data.entities[name])
+        for key in self.config.data.embedding_sources:
+            table, feature = key.split(".")
+            if table == name:
+                vectors = np.load(data_dir / SOURCE_EMBEDDINGS / f"{key}.npy", allow_pickle=False)
+                if feature in dataset.column_names:
+                    dataset = dataset.remove_columns(feature)
+                dataset = dataset.add_column(feature, list(vectors))
+        return dataset
 
     def _table(self, task: TaskConfig) -> EntityTable | None:
         kind, _, rest = task.candidate.partition(":")
         return self.tables[rest.split(":")[0]] if kind in ("entity", "compat") else None
+
+    def _query_table(self, task: TaskConfig) -> EntityTable:
+        return self.tables[task.query_feature.split(":")[0]]
 
     def _build_towers(self) -> tuple[OmniSearchSageQueryModel, OmniSearchSageEntityModel]:
         model_config = self.config.model
@@ -215,7 +297,7 @@ class Trainer:
                 if model_config.tokenizer is not None:
                     tokenizer = OmniSearchSageTokenizer.from_pretrained(os.path.expanduser(model_config.tokenizer))
                 else:
-                    fields = OmniSearchSageEntityConfig(**model_config.entity).text_fields
+                    fields = self._entity_config().text_fields
                     texts = (
                         value
                         for table in self.tables.values()
@@ -234,9 +316,8 @@ class Trainer:
 
         self._on_main_then_all(build_tokenizers)
         entity_tokenizer = OmniSearchSageTokenizer.from_pretrained(tokenizer_dir / "entity")
-        entity_tower = OmniSearchSageEntityModel(
-            OmniSearchSageEntityConfig(**{"vocab_size": entity_tokenizer.vocab_size, **model_config.entity})
-        )
+        _, entity_class = ENTITY_ARCHITECTURES[model_config.entity_architecture]
+        entity_tower = entity_class(self._entity_config({"vocab_size": entity_tokenizer.vocab_size}))
         entity_tower.tokenizer = entity_tokenizer
         if model_config.backbone is not None:
             query_tower = OmniSearchSageQueryModel.from_backbone(
@@ -292,8 +373,18 @@ class Trainer:
             negatives = random_negative_indices(
                 pool, count=task.num_random_negatives, seed=seed, step=micro_step, rank=rank, task=index
             )
+            if task.query_feature is None:
+                queries, query_vectors = add(query_texts, [pairs.queries[i] for i in picked]), None
+            else:
+                feature = task.query_feature.split(":")[1]
+                rows = self.query_rows[task.name][picked]
+                queries = torch.zeros(0, dtype=torch.long)
+                query_vectors = torch.from_numpy(
+                    _dense_rows(self._query_table(task), feature, self.query_dims[task.name], rows)
+                )
             batch = TaskBatch(
-                queries=add(query_texts, [pairs.queries[i] for i in picked]),
+                queries=queries,
+                query_vectors=query_vectors,
                 candidates=torch.zeros(0, dtype=torch.long),
                 query_ids=torch.from_numpy(pairs.query_ids[picked]),
                 candidate_ids=torch.from_numpy(candidates),
@@ -314,7 +405,8 @@ class Trainer:
                     batch.compat_negatives = torch.from_numpy(_dense_rows(table, feature, dim, negatives))
             tasks[task.name] = batch
         entity_inputs = self.entity_tower.prepare_inputs(entity_rows) if entity_rows else None
-        return StepBatch(self.query_tower.tokenize(query_texts), entity_inputs, tasks)
+        query_inputs = self.query_tower.tokenize(query_texts) if query_texts else None
+        return StepBatch(query_inputs, entity_inputs, tasks)
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -329,6 +421,12 @@ class Trainer:
             dim = self.compat_dims.get(task.name)
             truncate = dim if dim is not None and dim < query_tower.config.out_dim else None
             encode_queries = functools.partial(query_tower.encode, batch_size=128, truncate_dim=truncate)
+            if task.query_feature is not None:
+                query_table, feature = self._query_table(task), task.query_feature.split(":")[1]
+
+                def encode_queries(ids, table=query_table, feature=feature, dim=self.query_dims[task.name], task=task):
+                    return _unit_rows(list(_dense_rows(table, feature, dim, _rows_of(table, ids, task.name))))
+
             if kind == "entity":
                 candidates, encode_candidates = table, functools.partial(entity_tower.encode, batch_size=256)
             elif kind == "query":
@@ -474,11 +572,14 @@ class Trainer:
         return metrics
 
     def _export(self, metrics: dict[str, float]) -> None:
-        """Save both towers (with their tokenizers) and the final metrics under ``output_dir``."""
+        """Save the trained towers (with their tokenizers) and the final metrics under ``output_dir``."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.query_tower.save_pretrained(self.output_dir / "query_tower")
-            self.entity_tower.save_pretrained(self.output_dir / "entity_tower")
+            # A tower that no task trained is not exported: it would be a random model.
+            if self.uses_query_tower:
+                self.query_tower.save_pretrained(self.output_dir / "query_tower")
+            if self.uses_entity_tower:
+                self.entity_tower.save_pretrained(self.output_dir / "entity_tower")
             (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         self.accelerator.wait_for_everyone()
 
