@@ -6,9 +6,10 @@ per-dimension noise ``--topic-noise`` (0.06: sibling topics have cosine ~0.5); `
 per topic, ``normalize(topic + noise)`` with per-dimension noise ``--noise`` (0.08: an entity's cosine to its
 topic is ~0.6). Queries are drawn the same way and are not in the index. At 1M entities that is 100
 categories of 100 topics. Recall depends on the data and on the graph settings: on this data, and on a variant
-with 10,000 unrelated random topics (an earlier run of this script: recall@10 0.936 at ef_search 512), the default
-graph (``--m 16 --ef-construction 64``) stays below 0.95 at 1M entities; larger ``--m`` / ``--ef-construction``
-build slower, denser graphs.
+with 10,000 unrelated random topics (an earlier run of this script: recall@10 0.936 at ef_search 512), a
+``--m 16 --ef-construction 64`` graph stays below 0.95 at 1M entities (0.88 at ef_search 512,
+``results/ann_index_m16.md``); the default ``--m 32 --ef-construction 200`` (``EntityIndex``'s and
+``omnisearchsage-index``'s default) builds slower and reaches 0.98 at ef_search 64.
 
 1. Library comparison on ``--compare-size`` entities generated the same way (default 100,000): faiss ``IndexHNSWFlat``,
    hnswlib and usearch with the same graph settings (``--m``, ``--ef-construction``, inner product, 2 threads):
@@ -162,8 +163,8 @@ def main() -> None:
     parser.add_argument(
         "--compare-size", type=int, default=100_000, help="Entities of the library comparison (0 skips)."
     )
-    parser.add_argument("--m", type=int, default=16, help="HNSW graph degree (default 16, as `omnisearchsage-index`).")
-    parser.add_argument("--ef-construction", type=int, default=64, help="HNSW build candidate list (default 64).")
+    parser.add_argument("--m", type=int, default=32, help="HNSW graph degree (default 32, as `omnisearchsage-index`).")
+    parser.add_argument("--ef-construction", type=int, default=200, help="HNSW build candidate list (default 200).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     faiss.omp_set_num_threads(THREADS)
