@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -94,7 +95,7 @@ class TestMasking:
         assert np.allclose(model.encode(shuffled), full, atol=1e-5)  # a set: image order does not matter
 
     def test_image_only_and_text_only_variants(self):
-        image_only = make_itemsage(text_fields=[])
+        image_only = make_itemsage(text_fields=[], vocab_size=0)  # no text: the n-gram vocabulary may be empty
         out = image_only.encode([{"image_embeddings": images(2)}, {"image_embeddings": images(5, seed=3)}])
         assert out.shape == (2, 8) and not np.allclose(out[0], out[1])
         text_only = make_itemsage(image_feature=None)
@@ -303,3 +304,29 @@ class TestTraining:
         wanted = model.encode(_model_inputs(model, products))
         assert loaded.ids[:5] == [p["id"] for p in products]
         assert np.allclose(loaded.embeddings[:5], wanted, atol=1e-5)
+
+    def test_fixed_query_embedding_trains_itemsage_alone(self, itemsage_run, tmp_path):
+        """Query side = a fixed legacy query embedding: no query tower is trained or exported."""
+        itemsage_dir, _ = itemsage_run
+        data = itemsage_dir / "data"
+        pairs = pq.read_table(data / "pairs/query_product_train.parquet")
+        texts = sorted(set(pairs.column("query").to_pylist()))
+        rng = np.random.default_rng(0)
+        queries = {"id": texts, "legacy_embedding": list(rng.standard_normal((len(texts), 16)).astype(np.float32))}
+        pq.write_table(pa.table(queries), tmp_path / "queries.parquet")
+        task = {"name": "legacy_query_product", "candidate": "entity:product",
+                "query_feature": "query:legacy_embedding", "num_random_negatives": 8,
+                "pairs": str(data / "pairs/query_product_train.parquet")}  # fmt: skip
+        entities = {"product": str(data / "products.parquet"), "query": str(tmp_path / "queries.parquet")}
+        output_dir = tmp_path / "run"
+        log = _run(
+            "--config", str(ITEMSAGE_CONFIG), "--output_dir", str(output_dir), *SMALL_RUN,
+            "--data.source", "files", "--data.entities", json.dumps(entities), "--data.tasks", json.dumps([task]),
+            "--train.max_steps", "10", "--train.log_every", "5",
+        )  # fmt: skip
+        losses = [
+            json.loads(line)["loss"] for line in log.splitlines() if line.startswith('{"step"') and "loss" in line
+        ]
+        assert len(losses) == 2 and all(np.isfinite(losses))
+        assert isinstance(AutoModel.from_pretrained(output_dir / "entity_tower"), ItemSageModel)
+        assert not (output_dir / "query_tower").exists()  # untrained: not exported

@@ -20,7 +20,8 @@ class ItemSageConfig(PreTrainedConfig):
     through an MLP to a unit vector of ``out_dim``.
 
     Args:
-        vocab_size: Number of n-gram ids the entity tokenizer emits (sizes the per-token importance weights).
+        vocab_size: Number of n-gram ids the entity tokenizer emits (sizes the per-token importance weights);
+            unused (and may be 0) without text fields.
         text_fields: Names of the product's text fields, one slot each (a string or a list of strings).
         image_feature: Name of the input holding a product's image embeddings (a vector or a list of them);
             None reads no images (a text-only model).
@@ -84,8 +85,9 @@ class ItemSageConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: sizes, field names and hash parameters agree."""
+        if self.text_fields and self.vocab_size < 1:
+            raise ValueError(f"`vocab_size` must be >= 1 when there are text fields, got {self.vocab_size!r}.")
         for name in (
-            "vocab_size",
             "image_dim",
             "max_images",
             "num_buckets",

@@ -37,6 +37,8 @@ class EntityInputsMixin:
         raise NotImplementedError
 
     def _check_tokenizer(self) -> None:
+        if not self.config.text_fields:
+            return  # nothing to tokenize
         if self.tokenizer is None:
             raise ValueError(
                 f"This {type(self).__name__} has no tokenizer: set `model.tokenizer` (e.g. from "
@@ -67,14 +69,16 @@ class EntityInputsMixin:
 
     def _text_inputs(self, entities: Sequence[Entity]) -> dict[str, torch.Tensor]:
         """Field-major ``input_ids`` and ``offsets`` for ``forward``."""
+        empty = torch.zeros(0, dtype=torch.long)
+        if not self.config.text_fields:
+            return {"input_ids": empty, "offsets": empty}
         bags = self.tokenizer.encode_fields(entities, self.config.text_fields)
         input_ids, offsets, start = [], [], 0
         for field in self.config.text_fields:
             input_ids.append(bags[field].input_ids)
             offsets.append(bags[field].offsets + start)
             start += len(bags[field].input_ids)
-        empty = torch.zeros(0, dtype=torch.long)
-        return {"input_ids": torch.cat(input_ids or [empty]), "offsets": torch.cat(offsets or [empty])}
+        return {"input_ids": torch.cat(input_ids), "offsets": torch.cat(offsets)}
 
     def _stack_dense(self, entities: Sequence[Entity]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per vector feature that any entity has: ``(values, presence mask)`` (see ``stack_feature``)."""

@@ -18,8 +18,6 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers import initialization as init
 
-from .configuration_entity import OmniSearchSageEntityConfig
-
 
 class HashEmbeddingBag(nn.Module):
     """Sum-pooled hash embedding of bags of token ids.
@@ -37,7 +35,7 @@ class HashEmbeddingBag(nn.Module):
         https://arxiv.org/abs/1709.03933
     """
 
-    def __init__(self, config: OmniSearchSageEntityConfig):
+    def __init__(self, config: PreTrainedConfig):
         super().__init__()
         self.num_buckets = config.num_buckets
         self.num_hashes = config.num_hashes
@@ -74,7 +72,7 @@ class FieldLayerNorm(nn.Module):
         present: ``(num_fields, batch_size)`` bool, False where a field's bag is empty.
     """
 
-    def __init__(self, config: OmniSearchSageEntityConfig):
+    def __init__(self, config: PreTrainedConfig):
         super().__init__()
         self.eps = config.layer_norm_eps
         self.weight = nn.Parameter(torch.empty(len(config.text_fields), config.embedding_dim))

@@ -116,6 +116,19 @@ def read_pairs(path: str | Path, *, task: str, engagements: Sequence[str] | None
     return queries, candidate_ids
 
 
+def held_out_pairs(
+    path: str | Path, *, task: str, max_pairs: int, seed: int, engagements: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """Up to ``max_pairs`` ``(query, candidate_id)`` pairs of a held-out file, a seeded sample in file order.
+
+    The trainer's periodic Recall@K and the benchmarks draw evaluation pairs with this, so both score the
+    same pairs.
+    """
+    pairs = list(zip(*read_pairs(path, task=task, engagements=engagements)))
+    order = np.random.default_rng(seed).permutation(len(pairs))[:max_pairs]
+    return [pairs[i] for i in sorted(order)]
+
+
 def load_pairs(
     path: str | Path,
     candidate_row: Mapping[str, int] | None,
@@ -153,4 +166,4 @@ def popularity_cap(task: TaskConfig) -> int | None:
     return DEFAULT_POPULARITY_CAPS.get(table.split(":")[0]) if kind in ("entity", "compat") else None
 
 
-__all__ = ["EntityTable", "TaskPairs", "load_pairs", "popularity_cap", "read_pairs", "read_table"]
+__all__ = ["EntityTable", "TaskPairs", "held_out_pairs", "load_pairs", "popularity_cap", "read_pairs", "read_table"]

@@ -39,7 +39,7 @@ from ..modeling import (
 )
 from ..tokenization import OmniSearchSageTokenizer, build_vocab
 from .config import TaskConfig, TrainingConfig
-from .data import EntityTable, TaskPairs, load_pairs, popularity_cap, read_pairs, read_table
+from .data import EntityTable, TaskPairs, held_out_pairs, load_pairs, popularity_cap, read_table
 from .multitask import MultiTaskModel, StepBatch, TaskBatch
 from .sources import prepare_source
 from .synthetic import _replace_atomically
@@ -239,10 +239,13 @@ class Trainer:
                 )
                 self.query_dims[task.name] = _feature_dim(query_table, feature)
             if task.eval_pairs:
-                queries, candidates = read_pairs(base / task.eval_pairs, task=task.name, engagements=task.engagements)
-                pairs = list(zip(queries, candidates))
-                order = np.random.default_rng(config.train.seed).permutation(len(pairs))[: config.eval.max_pairs]
-                self.eval_pairs[task.name] = [pairs[i] for i in sorted(order)]
+                self.eval_pairs[task.name] = held_out_pairs(
+                    base / task.eval_pairs,
+                    task=task.name,
+                    max_pairs=config.eval.max_pairs,
+                    seed=config.train.seed,
+                    engagements=task.engagements,
+                )
 
     def _embed_sources(self, base: Path, data_dir: Path) -> None:
         """Embed each ``data.embedding_sources`` table with its model into ``data/embeddings/<table>.<feature>.npy``.
