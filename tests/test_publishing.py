@@ -46,6 +46,7 @@ ENTITY_FILES = {
     "configuration_entity.py",
     "modeling_entity.py",
     "modeling_hash_embedding.py",
+    "entity_inputs.py",
     "attached_tokenizer.py",
     "encoding.py",
     "tokenization_omnisearchsage.py",
