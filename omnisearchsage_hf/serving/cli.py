@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 def embed_main(argv: Sequence[str] | None = None) -> int:
     """``omnisearchsage-embed``: batch entity inference (resumable; split across ``accelerate launch`` processes)."""
     parser = argparse.ArgumentParser(prog="omnisearchsage-embed", description=embed_main.__doc__)
-    parser.add_argument("--entity-model", required=True, help="Entity tower folder (save_pretrained output).")
+    parser.add_argument(
+        "--entity-model", required=True, help="Entity tower or ItemSage folder (save_pretrained output)."
+    )
     parser.add_argument("--table", required=True, help="Entity table: parquet, jsonl or csv with an `id` column.")
     parser.add_argument("--entity-type", required=True, help="Type of these entities, e.g. pin or product.")
     parser.add_argument("--out", required=True, help="Output folder; run again with the same folder to resume.")
