@@ -40,6 +40,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from omnisearchsage_hf.atomic import write_text_atomically
 from omnisearchsage_hf.serving import EntityIndex, exact_search, recall_at_k
 
 RESULTS = Path(__file__).parent / "results"
@@ -222,8 +223,8 @@ def main() -> None:
         "library_comparison": {"size": args.compare_size, "results": comparison},
     }
     RESULTS.mkdir(exist_ok=True)
-    _write(RESULTS / "ann_index.json", json.dumps(results, indent=2) + "\n")
-    _write(RESULTS / "ann_index.md", render_markdown(results, args))
+    write_text_atomically(RESULTS / "ann_index.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomically(RESULTS / "ann_index.md", render_markdown(results, args))
     print(json.dumps(results, indent=2))
 
 
@@ -274,12 +275,6 @@ def render_markdown(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"| {name} | {row['build_seconds']} | {cells} | {row['single_query_ms_ef64']} |")
     lines.append("")
     return "\n".join(lines)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from omnisearchsage_hf.atomic import write_text_atomically
 from omnisearchsage_hf.enrichment import (
     CaptionConfig,
     EngagedQueriesConfig,
@@ -365,8 +366,8 @@ def run(workdir: Path, args: argparse.Namespace) -> None:
     results = json.loads(json.dumps(results), parse_float=lambda x: round(float(x), 4))
     print(json.dumps(results, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    write_atomically(RESULTS / "enrich_speed.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(RESULTS / "enrich_speed.md", markdown(results, args))
+    write_text_atomically(RESULTS / "enrich_speed.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomically(RESULTS / "enrich_speed.md", markdown(results, args))
 
 
 def markdown(r: dict, args: argparse.Namespace) -> str:
@@ -434,12 +435,6 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

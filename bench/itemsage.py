@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from omnisearchsage_hf.atomic import replace_atomically, write_text_atomically
 from omnisearchsage_hf.evaluation import RecallEvaluator
 from omnisearchsage_hf.training.config import load_config
 from omnisearchsage_hf.training.data import held_out_pairs
@@ -143,7 +144,7 @@ def compact_log(path: Path) -> None:
             line = line[line.index('{"step"') :] if '{"step"' in line else ""
         if line.strip():
             kept.append(line)
-    _write(path, "\n".join(kept) + "\n")
+    write_text_atomically(path, "\n".join(kept) + "\n")
 
 
 def mean_of_images_pin_recall(data_dir: Path) -> dict[str, float]:
@@ -221,8 +222,8 @@ def main() -> None:
         "held_out_pairs": held_out_counts(runs_dir / "itemsage" / "data"),
     }
     RESULTS.mkdir(exist_ok=True)
-    _write(RESULTS / "itemsage.json", json.dumps(results, indent=2, default=str) + "\n")
-    _write(RESULTS / "itemsage.md", render_markdown(results))
+    write_text_atomically(RESULTS / "itemsage.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_text_atomically(RESULTS / "itemsage.md", render_markdown(results))
     plot(metrics, RESULTS / "itemsage.png")
     print((RESULTS / "itemsage.md").read_text())
 
@@ -314,14 +315,7 @@ def plot(metrics: dict[str, dict[str, float]], path: Path) -> None:
     axis.legend(fontsize=8)
     axis.set_title("ItemSage on a generated world: held-out Recall@10 (1,000-product corpus)")
     figure.tight_layout()
-    figure.savefig(path.with_name(f".{path.name}.tmp"), format="png", dpi=110)
-    os.replace(path.with_name(f".{path.name}.tmp"), path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import yaml
 from transformers import AutoModel
 
+from omnisearchsage_hf.atomic import replace_atomically, write_text_atomically
 from omnisearchsage_hf.evaluation.baselines import load_sentence_encoder, zero_shot_scorer
 from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer
 from omnisearchsage_hf.training.amazon_pqa import CATALOGUE_FIELDS, evaluate_epqa, product_text
@@ -309,10 +310,7 @@ def report(dataset: str, results: dict[str, dict[str, float]], seconds: dict[str
         "omnisearchsage": "**OmniSearchSage** (multi-task)",
     }
     payload = {"dataset": dataset, "training_seconds": seconds, "results": results}
-    path = RESULTS / f"{dataset}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(RESULTS / f"{dataset}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
     lines = [f"# Retrieval quality: {dataset} (`python bench/quality.py --dataset {dataset}`)", ""]
     order = ("bm25", "e5", "minilm", "e5_context", "searchsage", "single_task", "omnisearchsage")
@@ -369,9 +367,7 @@ def report(dataset: str, results: dict[str, dict[str, float]], seconds: dict[str
             + f". Logs: `quality_logs/{dataset}_*.log`.",
         ]
     md = RESULTS / f"{dataset}.md"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
+    write_text_atomically(md, "\n".join(lines) + "\n")
     bar_chart(dataset, results, main_rows, names, RESULTS / f"{dataset}.png")
     print(md.read_text())
 
@@ -405,9 +401,7 @@ def bar_chart(
     axes.set_title(f"{dataset}: test questions")
     axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 
 

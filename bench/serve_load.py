@@ -304,12 +304,6 @@ def run_phase(folder: Path, args: argparse.Namespace, *, cache_size: int, durati
         server.wait(timeout=30)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=60.0, help="Measured seconds with the cache (default 60).")
@@ -323,6 +317,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="serve_load", help="Result file stem under bench/results/.")
     args = parser.parse_args()
+    from omnisearchsage_hf.atomic import write_text_atomically  # here: the client process stays light
+
     if args.duration <= 0 or args.no_cache_duration < 0 or args.connections < 1:
         parser.error("--duration must be > 0, --no-cache-duration >= 0 and --connections >= 1.")
 
@@ -360,8 +356,8 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(exist_ok=True)
-    write_atomically(RESULTS / f"{args.out}.json", json.dumps(results, indent=2) + "\n")
-    write_atomically(RESULTS / f"{args.out}.md", render_markdown(results, args))
+    write_text_atomically(RESULTS / f"{args.out}.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomically(RESULTS / f"{args.out}.md", render_markdown(results, args))
     print(json.dumps(results, indent=2))
 
 

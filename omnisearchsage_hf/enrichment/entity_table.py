@@ -23,6 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from ..atomic import replace_atomically
 from ..tokenization.ngrams import KeyTable
 from .keys import string_keys
 
@@ -129,13 +130,7 @@ def write_table_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write ``table`` as parquet to ``path`` through a temporary file and a rename; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..atomic import save_npy_atomically
 from .scoring import DenseScorer
 
 Pooling = Literal["mean", "cls"]
@@ -83,13 +84,7 @@ def passage_embeddings(
     ).astype(np.float32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                np.save(handle, embeddings)
-            os.replace(tmp, cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_npy_atomically(cache, embeddings)
     return embeddings
 
 

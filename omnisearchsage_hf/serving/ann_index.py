@@ -24,7 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ..training.synthetic import _replace_atomically
+from ..atomic import replace_atomically, write_text_atomically
 
 MANIFEST = "index.json"
 _TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")  # entity types become file names
@@ -208,9 +208,9 @@ class EntityIndex:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)
         for entity_type, index in self._indexes.items():
-            _replace_atomically(directory / f"{entity_type}.faiss", lambda tmp, i=index: faiss.write_index(i, tmp))
+            replace_atomically(directory / f"{entity_type}.faiss", lambda tmp, i=index: faiss.write_index(i, tmp))
             text = json.dumps(self._ids[entity_type], ensure_ascii=False)
-            _replace_atomically(directory / f"{entity_type}.ids.json", lambda tmp, t=text: Path(tmp).write_text(t))
+            write_text_atomically(directory / f"{entity_type}.ids.json", text)
         manifest = {
             "format": "omnisearchsage-hnsw-faiss",
             "faiss_version": faiss.__version__,
@@ -222,7 +222,7 @@ class EntityIndex:
             "recall_at_10": self.recall_at_10,
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        _replace_atomically(directory / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        write_text_atomically(directory / MANIFEST, text)
         return directory
 
     @classmethod

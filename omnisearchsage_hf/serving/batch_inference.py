@@ -31,9 +31,9 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from ..atomic import replace_atomically, save_npy_atomically, write_text_atomically
 from ..modeling import ItemSageModel, OmniSearchSageEntityModel
 from ..training.data import EntityTable, read_table
-from ..training.synthetic import _replace_atomically
 
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
@@ -173,7 +173,7 @@ def embed_entity_table(
         vectors = model.encode(
             entities.rows(list(rows)), batch_size=batch_size, show_progress_bar=False
         )  # (len(rows), dim)
-        _replace_atomically(_chunk_path(output_dir, chunk), lambda tmp, v=vectors: _save_npy(tmp, v))
+        save_npy_atomically(_chunk_path(output_dir, chunk), np.ascontiguousarray(vectors, dtype=np.float32))
         bar.update(1)
     bar.close()
 
@@ -187,14 +187,8 @@ def _chunk_path(output_dir: Path, chunk: int) -> Path:
     return output_dir / CHUNKS / f"{chunk:06d}.npy"
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle, so numpy does not append ".npy" to the temp name
-        np.save(handle, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-
-
 def _write_json(path: Path, content: dict) -> None:
-    text = json.dumps(content, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def _check_plan(output_dir: Path, plan: dict) -> None:
@@ -226,9 +220,8 @@ def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict) -> Pat
         merged.flush()
         del merged
 
-    _replace_atomically(output_dir / "embeddings.npy", write_embeddings)
-    ids_text = json.dumps(ids, ensure_ascii=False)
-    _replace_atomically(output_dir / "ids.json", lambda tmp: Path(tmp).write_text(ids_text, encoding="utf-8"))
+    replace_atomically(output_dir / "embeddings.npy", write_embeddings)
+    write_text_atomically(output_dir / "ids.json", json.dumps(ids, ensure_ascii=False))
     _write_json(output_dir / MANIFEST, {**plan, "dim": dim, "chunks": num_chunks})
     return output_dir
 

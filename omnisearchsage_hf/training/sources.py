@@ -20,9 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import replace_atomically, write_text_atomically
 from .amazon_pqa import build_epqa_tables
 from .config import TrainingConfig
-from .synthetic import SyntheticWorldConfig, _replace_atomically, generate_world
+from .synthetic import SyntheticWorldConfig, generate_world
 from .xquad_r import build_xquad_r_tables
 
 REAL_SOURCES: dict[str, Callable[..., dict[str, pa.Table]]] = {
@@ -103,10 +104,10 @@ def prepare_real_source(
     tables = builder(root, **{k: v for k, v in arguments.items() if k in _keywords(builder)}, **options)
     for name, table in tables.items():
         (data_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        _replace_atomically(data_dir / name, lambda tmp, table=table: pq.write_table(table, tmp))
+        replace_atomically(data_dir / name, lambda tmp, table=table: pq.write_table(table, tmp))
     summary = {**inputs, "files": sorted(tables), "rows": {name: table.num_rows for name, table in tables.items()}}
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(marker, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomically(marker, text)
     return True
 
 

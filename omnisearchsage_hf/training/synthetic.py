@@ -20,9 +20,8 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -32,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
+
+from ..atomic import replace_atomically, write_text_atomically
 
 TASKS = ("query_pin", "query_product", "query_query")
 SPLITS = ("train", "test")
@@ -312,7 +313,7 @@ class SyntheticWorld:
         written = {}
         for name, table in tqdm(tables.items(), desc="Writing world", disable=not show_progress_bar):
             write = functools.partial(pq.write_table, table.table, row_group_size=BLOCK_SIZE)
-            written[name] = _replace_atomically(directory / name, write)
+            written[name] = replace_atomically(directory / name, write)
         summary = {
             "config": self.config.to_dict(),
             "counts": self.counts(),
@@ -320,9 +321,7 @@ class SyntheticWorld:
             "versions": {"omnisearchsage_hf": __version__, "numpy": np.__version__, "pyarrow": pa.__version__},
         }
         text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-        written["world.json"] = _replace_atomically(
-            directory / "world.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
-        )
+        written["world.json"] = write_text_atomically(directory / "world.json", text)
         return written
 
 
@@ -895,17 +894,6 @@ def _records(table: pa.Table) -> list[dict[str, Any]]:
         else:
             columns[name] = column.to_pylist()
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
-def _replace_atomically(path: Path, write: Callable[[str], Any]) -> Path:
-    """Call ``write(temp_path)``, then rename the temp file to ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
+from ..atomic import save_npy_atomically, write_text_atomically
 from ..evaluation import RecallEvaluator
 from ..modeling import (
     ItemSageConfig,
@@ -42,7 +43,6 @@ from .config import TaskConfig, TrainingConfig
 from .data import EntityTable, TaskPairs, held_out_pairs, load_pairs, popularity_cap, read_table
 from .multitask import MultiTaskModel, StepBatch, TaskBatch
 from .sources import prepare_source
-from .synthetic import _replace_atomically
 from .tasks import pair_indices, random_negative_indices, task_batch_sizes
 
 CHECKPOINTS = "checkpoints"
@@ -128,11 +128,6 @@ def _feature_dim(table: EntityTable, feature: str) -> int:
             if value is not None and len(value):
                 return np.asarray(value, dtype=np.float32).shape[-1]
     raise ValueError(f"Entity table {table.name!r} has no value in column {feature!r}.")
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a file object: `np.save` would append ".npy" to a path
-        np.save(handle, array, allow_pickle=False)
 
 
 def _rows_of(table: EntityTable, ids: list[str], task: str) -> list[int]:
@@ -269,7 +264,7 @@ class Trainer:
             vectors = model.encode(rows.rows(range(len(rows))), batch_size=256, show_progress_bar=True)
             path = data_dir / SOURCE_EMBEDDINGS / f"{key}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
-            _replace_atomically(path, functools.partial(_save_npy, array=vectors))
+            save_npy_atomically(path, vectors)
             self.accelerator.print(f"Embedded {len(rows)} rows of {table!r} with {folder} into {path}")
 
     def _read_entities(self, name: str, base: Path, data_dir: Path) -> Any:
@@ -583,7 +578,9 @@ class Trainer:
                 self.query_tower.save_pretrained(self.output_dir / "query_tower")
             if self.uses_entity_tower:
                 self.entity_tower.save_pretrained(self.output_dir / "entity_tower")
-            (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            write_text_atomically(
+                self.output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+            )
         self.accelerator.wait_for_everyone()
 
 
