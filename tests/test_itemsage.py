@@ -15,6 +15,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from omnisearchsage_hf import ItemSageConfig, ItemSageModel, OmniSearchSageTokenizer, build_vocab
+from omnisearchsage_hf.training.config import load_config
 
 FIELDS = ["title", "description", "brand"]
 CORPUS = ["linen throw pillow", "copper kettle", "Acme", "red summer dress", "北京 欢迎你", "مرحبا"]
@@ -241,6 +242,9 @@ class TestTraining:
         assert np.mean([metrics[f"pin_product_{e}_recall@10"] for e in ("click", "save")]) > 0.2
         model = AutoModel.from_pretrained(output_dir / "entity_tower")
         assert isinstance(model, ItemSageModel) and model.config.image_feature == "visual_embedding"
+        # The resolved config (overrides included) is kept with the run.
+        recorded = load_config(output_dir / "training_config.yaml")
+        assert recorded.model.entity_architecture == "itemsage" and recorded.train.max_steps == 30
         product = {"title": "a product", "brand": "Acme", "visual_embedding": np.ones((3, 16), dtype=np.float32)}
         assert model.encode(product).shape == (16,)
 

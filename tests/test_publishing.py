@@ -202,6 +202,15 @@ def test_publish_a_run_without_metrics_or_config_says_so(run_dir, tmp_path, hub)
         publish(tmp_path / "query_tower", "org/x")
 
 
+def test_publish_reads_the_config_the_trainer_recorded(run_dir, tmp_path, hub):
+    for name in ("query_tower", "entity_tower", "metrics.json"):
+        (tmp_path / name).symlink_to(run_dir / name)
+    (tmp_path / "training_config.yaml").write_text((REPO_ROOT / "training" / "configs" / "tiny.yaml").read_text())
+    publish(tmp_path, "org/recorded")
+    body = hub.card("org/recorded")[1]
+    assert "was not recorded" not in body and "| query_pin | `entity:pin` | 8 | 32 |" in body
+
+
 def test_card_metric_keys_must_be_evaluator_metrics():
     results = eval_results({"a_mrr": 0.2, "a_b_recall@5": 0.5})  # sorted by key; the name keeps its group
     assert [(r.dataset_name, r.metric_type, r.metric_value) for r in results] == [

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
 from ..tokenization import OmniSearchSageTokenizer
 from ..training.config import TrainingConfig, load_config
+from ..training.trainer import CONFIG_FILE
 from .model_card import CardKind, model_card
 from .query_document import save_query_document_model
 
@@ -151,7 +152,8 @@ def publish(
         output_dir: The run's ``output_dir``.
         repo_prefix: ``"org/name"``; the three repository ids derive from it.
         training_config: The run's ``TrainingConfig`` or its YAML path, summarised in the cards; None: the
-            cards say the configuration was not recorded.
+            ``training_config.yaml`` the Trainer wrote into ``output_dir``, and if there is none, the cards
+            say the configuration was not recorded.
         private, token: As in :func:`push_folder`.
         license, datasets, languages, base_model: Card metadata (see ``model_card``).
 
@@ -177,6 +179,8 @@ def publish(
     metrics: Mapping[str, float] = (
         json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     )
+    if training_config is None and (output_dir / CONFIG_FILE).is_file():
+        training_config = output_dir / CONFIG_FILE  # written by the Trainer
     if training_config is not None and not isinstance(training_config, TrainingConfig):
         training_config = load_config(training_config)
     query_tower = OmniSearchSageQueryModel.from_pretrained(output_dir / "query_tower")

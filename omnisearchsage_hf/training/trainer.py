@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
@@ -46,6 +47,7 @@ from .sources import prepare_source
 from .tasks import pair_indices, random_negative_indices, task_batch_sizes
 
 CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "training_config.yaml"  # written into output_dir at the start of every run
 # `model.entity_architecture` → the config and model of the candidate tower of `entity:` tasks.
 ENTITY_ARCHITECTURES = {
     "omnisearchsage": (OmniSearchSageEntityConfig, OmniSearchSageEntityModel),
@@ -468,6 +470,10 @@ class Trainer:
             f"Training with {accelerator.num_processes} process(es) on {accelerator.device}; "
             f"per-process batch by task: {self.batch_sizes}"
         )
+        if accelerator.is_main_process:  # the resolved config, overrides included: `publish` reads it for the cards
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump(self.config.to_dict(), sort_keys=False, allow_unicode=True)
+            write_text_atomically(self.output_dir / CONFIG_FILE, text)
         self._load_data()
         self.query_tower, self.entity_tower = self._build_towers()
         self.compat_dims = {
