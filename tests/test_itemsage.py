@@ -95,12 +95,19 @@ class TestMasking:
         shuffled = {**many, "image_embeddings": many["image_embeddings"][::-1].copy()}
         assert np.allclose(model.encode(shuffled), full, atol=1e-5)  # a set: image order does not matter
 
+    def test_encode_runs_in_eval_mode_and_restores_each_submodule(self):
+        training = make_itemsage(hidden_dropout_prob=0.5).train()
+        training.head.eval()  # a frozen part stays frozen
+        first = training.encode(PRODUCTS, device="cpu")
+        assert np.array_equal(first, training.encode(PRODUCTS))  # no dropout inside encode
+        assert training.training and training.layers[0].training and not training.head.training
+
     def test_image_only_and_text_only_variants(self):
         image_only = make_itemsage(text_fields=[], vocab_size=0)  # no text: the n-gram vocabulary may be empty
         out = image_only.encode([{"image_embeddings": images(2)}, {"image_embeddings": images(5, seed=3)}])
         assert out.shape == (2, 8) and not np.allclose(out[0], out[1])
         text_only = make_itemsage(image_feature=None)
-        assert text_only.dense_dims() == {}
+        assert text_only.config.vector_features() == {}
         with pytest.raises(ValueError, match="unknown feature.*image_embeddings"):
             text_only.encode({"title": "kettle", "image_embeddings": images(1)})
 

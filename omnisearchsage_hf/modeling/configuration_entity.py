@@ -129,9 +129,13 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
         fill_hash_parameters(self)
         super().__post_init__(**kwargs)
 
+    def vector_features(self) -> dict[str, int]:
+        """Name → width of each vector input: the pre-existing embeddings."""
+        return dict(self.dense_features)
+
     def input_features(self) -> list[str]:
-        """The entity-dict keys the tower reads: its text fields, then its pre-existing embeddings."""
-        return [*self.text_fields, *self.dense_features]
+        """The entity-dict keys the tower reads: its text fields, then its vector features."""
+        return [*self.text_fields, *self.vector_features()]
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: sizes, field names and hash parameters agree."""

@@ -79,9 +79,13 @@ class ItemSageConfig(PreTrainedConfig):
         fill_hash_parameters(self)
         super().__post_init__(**kwargs)
 
+    def vector_features(self) -> dict[str, int]:
+        """Name → width of each vector input: ``{image_feature: image_dim}``, nothing for a text-only model."""
+        return {self.image_feature: self.image_dim} if self.image_feature else {}
+
     def input_features(self) -> list[str]:
         """The product-dict keys the model reads: its text fields, then its image feature."""
-        return [*self.text_fields, *([self.image_feature] if self.image_feature else [])]
+        return [*self.text_fields, *self.vector_features()]
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: sizes, field names and hash parameters agree."""

@@ -10,8 +10,9 @@ numpy and transformers.
 
 from __future__ import annotations
 
+import contextlib
 import logging as _stdlib_logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,25 @@ def check_truncate_dim(truncate_dim: int | None, out_dim: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module, device: str | torch.device | None = None) -> Iterator[None]:
+    """Run the block with ``model`` on ``device`` (if given) and dropout off; restore every submodule's mode.
+
+    The move happens here, outside inference mode, so the parameters stay ordinary (trainable) tensors;
+    restoring each submodule's own flag keeps a frozen (eval-mode) part of a training model frozen.
+    """
+    if device is not None:
+        model.to(device)
+    training_flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in training_flags.items():
+            module.training = training
+
+
+@torch.inference_mode()
 def encode_in_batches(
     items: Sequence[Any],
     embed_batch: Callable[[list[Any]], torch.Tensor],
@@ -51,7 +71,7 @@ def encode_in_batches(
     truncate_dim: int | None,
     desc: str,
 ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
-    """Embed ``items`` in length-sorted batches and return the embeddings in input order.
+    """Embed ``items`` in length-sorted batches, under ``torch.inference_mode``; return them in input order.
 
     Args:
         items: The inputs, already validated.

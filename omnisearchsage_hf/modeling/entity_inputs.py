@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .configuration_entity import RESERVED_KEYS
-from .encoding import check_batch, check_truncate_dim, encode_in_batches
+from .encoding import check_batch, check_truncate_dim, encode_in_batches, evaluating
 
 Entity = Mapping[str, Any]
 
@@ -27,14 +27,10 @@ Entity = Mapping[str, Any]
 class EntityInputsMixin:
     """``prepare_inputs`` and ``encode`` for a ``PreTrainedModel`` whose inputs are entity dicts.
 
-    The model provides ``config.text_fields``, ``config.vocab_size``, a ``tokenizer`` attribute (an
-    ``OmniSearchSageTokenizer``) and ``dense_dims()`` (name → width of each vector input), and its
+    The model's config provides ``text_fields``, ``vocab_size`` and ``vector_features()`` (name → width of
+    each vector input); the model has a ``tokenizer`` attribute (an ``OmniSearchSageTokenizer``), and its
     ``forward(input_ids, offsets, dense_features, dense_masks)`` returns an output with ``embeddings``.
     """
-
-    def dense_dims(self) -> dict[str, int]:
-        """Name → width of every vector input the model reads."""
-        raise NotImplementedError
 
     def _check_tokenizer(self) -> None:
         if not self.config.text_fields:
@@ -53,7 +49,7 @@ class EntityInputsMixin:
     def _check_entities(self, entities: Sequence[Entity]) -> None:
         self._check_tokenizer()
         text_fields = set(self.config.text_fields)
-        known = text_fields | set(self.dense_dims()) | set(RESERVED_KEYS)
+        known = text_fields | set(self.config.vector_features()) | set(RESERVED_KEYS)
         for index, entity in enumerate(entities):
             if not isinstance(entity, Mapping):
                 raise TypeError(f"Entity {index} must be a dict of features, got {type(entity).__name__}.")
@@ -61,7 +57,7 @@ class EntityInputsMixin:
                 unknown = sorted(set(entity) - known)
                 raise ValueError(
                     f"Entity {index} has unknown feature(s) {unknown}. Text fields: {list(self.config.text_fields)}; "
-                    f"dense features: {sorted(self.dense_dims())}; also allowed: {list(RESERVED_KEYS)}."
+                    f"dense features: {sorted(self.config.vector_features())}; also allowed: {list(RESERVED_KEYS)}."
                 )
             for field in text_fields & entity.keys():
                 if not isinstance(entity[field], str):
@@ -83,7 +79,7 @@ class EntityInputsMixin:
     def _stack_dense(self, entities: Sequence[Entity]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per vector feature that any entity has: ``(values, presence mask)`` (see ``stack_feature``)."""
         stacked = {}
-        for name, dim in self.dense_dims().items():
+        for name, dim in self.config.vector_features().items():
             values = [entity.get(name) for entity in entities]
             if any(v is not None for v in values):
                 stacked[name] = stack_feature(values, name, dim)
@@ -105,7 +101,6 @@ class EntityInputsMixin:
             "dense_masks": {name: mask for name, (_, mask) in dense.items()},
         }
 
-    @torch.inference_mode()
     def encode(
         self,
         entities: Entity | Sequence[Entity],
@@ -127,7 +122,7 @@ class EntityInputsMixin:
             convert_to_numpy: Return a float32 ``np.ndarray`` (the default).
             convert_to_tensor: Return a ``torch.Tensor`` instead (wins over ``convert_to_numpy``).
             normalize_embeddings: Renormalise to unit length (after truncation).
-            device: Where to run; defaults to the model's device.
+            device: Where to run; the model is moved there. None (default) uses the model's device.
             truncate_dim: Keep the first ``truncate_dim`` dimensions.
 
         Returns:
@@ -140,18 +135,15 @@ class EntityInputsMixin:
         # Validate everything first, so errors name the caller's indices and come before any work.
         self._check_entities(batch)
         dense = self._stack_dense(batch)
-        device = torch.device(device) if device is not None else self.device
 
         def embed(indices: list[int]) -> torch.Tensor:
             rows = torch.tensor(indices)
             inputs = self._text_inputs([batch[i] for i in indices])
             inputs["dense_features"] = {name: values[rows] for name, (values, _) in dense.items()}
             inputs["dense_masks"] = {name: mask[rows] for name, (_, mask) in dense.items()}
-            return self(**_to_device(inputs, device)).embeddings
+            return self(**_to_device(inputs, self.device)).embeddings
 
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self, device):
             embeddings = encode_in_batches(
                 list(range(len(batch))),
                 embed,
@@ -164,8 +156,6 @@ class EntityInputsMixin:
                 truncate_dim=truncate_dim,
                 desc="Encoding entities",
             )
-        finally:
-            self.train(was_training)
         return embeddings[0] if single else embeddings
 
 

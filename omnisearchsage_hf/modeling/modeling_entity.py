@@ -106,10 +106,6 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, EntityInputsMixin, OmniS
         self.tokenizer = None
         self.post_init()
 
-    def dense_dims(self) -> dict[str, int]:
-        """Name → width of every pre-existing embedding the tower reads (``config.dense_features``)."""
-        return dict(self.config.dense_features)
-
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -149,10 +149,6 @@ class ItemSageModel(AttachedTokenizerMixin, EntityInputsMixin, ItemSagePreTraine
         self.tokenizer = None
         self.post_init()
 
-    def dense_dims(self) -> dict[str, int]:
-        """``{image_feature: image_dim}``, or nothing for a text-only model."""
-        return {self.config.image_feature: self.config.image_dim} if self.config.image_feature else {}
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -162,9 +158,9 @@ class ItemSageModel(AttachedTokenizerMixin, EntityInputsMixin, ItemSagePreTraine
     ) -> ItemSageOutput:
         config = self.config
         dense_features, dense_masks = dict(dense_features or {}), dict(dense_masks or {})
-        unknown = sorted(set(dense_features) - set(self.dense_dims()))
+        unknown = sorted(set(dense_features) - set(config.vector_features()))
         if unknown:
-            raise ValueError(f"Unknown dense features {unknown}; this model reads {sorted(self.dense_dims())}.")
+            raise ValueError(f"Unknown dense features {unknown}; this model reads {sorted(config.vector_features())}.")
         num_fields = len(config.text_fields)
         if offsets.ndim != 1 or (num_fields and len(offsets) % num_fields):
             raise ValueError(

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput, logging
 
 from .attached_tokenizer import AttachedTokenizerMixin
 from .configuration_query import OmniSearchSageQueryConfig, PoolingMode
-from .encoding import check_batch, check_truncate_dim, encode_in_batches
+from .encoding import check_batch, check_truncate_dim, encode_in_batches, evaluating
 
 logger = logging.get_logger(__name__)
 
@@ -266,23 +266,23 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
                 "backbone's tokenizer, or build the tower with `OmniSearchSageQueryModel.from_backbone(path)`."
             )
 
-        if device is not None:
-            self.to(device)  # outside inference mode, so the parameters stay ordinary (trainable) tensors
-        training_flags = {module: module.training for module in self.modules()}
-        self.eval()
-        try:
-            embeddings = self._encode(
+        def embed_batch(batch: list[str]) -> torch.Tensor:
+            inputs = {name: tensor.to(self.device) for name, tensor in self.tokenize(batch).items()}
+            return self(**inputs).embeddings  # (len(batch), out_dim)
+
+        with evaluating(self, device):
+            embeddings = encode_in_batches(
                 queries,
+                embed_batch,
+                lengths=[len(query) for query in queries],
                 batch_size=batch_size,
                 show_progress_bar=show_progress_bar,
                 convert_to_numpy=convert_to_numpy,
                 convert_to_tensor=convert_to_tensor,
                 normalize_embeddings=normalize_embeddings,
                 truncate_dim=truncate_dim,
+                desc="Encoding queries",
             )
-        finally:
-            for module, training in training_flags.items():
-                module.training = training
         return embeddings[0] if single else embeddings
 
     def tokenize(self, queries: list[str]) -> dict[str, torch.Tensor]:
@@ -298,18 +298,6 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
             return_tensors="pt",
         )
         return {name: features[name] for name in _MODEL_INPUT_NAMES if name in features}
-
-    @torch.inference_mode()
-    def _encode(self, queries: list[str], **options) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
-        """Tokenise and embed validated queries in eval mode (see ``encode``)."""
-
-        def embed_batch(batch: list[str]) -> torch.Tensor:
-            inputs = {name: tensor.to(self.device) for name, tensor in self.tokenize(batch).items()}
-            return self(**inputs).embeddings  # (len(batch), out_dim)
-
-        return encode_in_batches(
-            queries, embed_batch, lengths=[len(query) for query in queries], desc="Encoding queries", **options
-        )
 
 
 def _write_json(path: Path, data: dict | list) -> None:
