@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from ..atomic import replace_atomically, write_text_atomically
+from .batch_inference import read_manifest
 
 MANIFEST = "index.json"
 _TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")  # entity types become file names
@@ -229,12 +230,10 @@ class EntityIndex:
     def load(cls, directory: str | os.PathLike) -> EntityIndex:
         """Read an index saved by :meth:`save`."""
         directory = Path(directory)
-        if not (directory / MANIFEST).is_file():
-            raise FileNotFoundError(
-                f"No {MANIFEST} in {str(directory)!r}: not an index folder, or its build did not finish "
-                "(build it with `omnisearchsage-index`)."
-            )
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = read_manifest(
+            directory / MANIFEST,
+            "not an index folder, or its build did not finish (build it with `omnisearchsage-index`).",
+        )
         index = cls(
             dim=manifest["dim"], m=manifest["m"], ef_construction=manifest["ef_construction"],
             ef_search=manifest["ef_search"],

@@ -58,12 +58,10 @@ class EntityEmbeddings:
     def load(cls, directory: str | os.PathLike) -> EntityEmbeddings:
         """Read an output folder of :func:`embed_entity_table`; raises if its run has not finished."""
         directory = Path(directory)
-        if not (directory / MANIFEST).is_file():
-            raise FileNotFoundError(
-                f"No {MANIFEST} in {str(directory)!r}: batch inference has not finished there. Run (or resume) "
-                "`omnisearchsage-embed` with this --out folder."
-            )
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = read_manifest(
+            directory / MANIFEST,
+            "batch inference has not finished there. Run (or resume) `omnisearchsage-embed` with this --out folder.",
+        )
         ids = json.loads((directory / "ids.json").read_text(encoding="utf-8"))
         embeddings = np.load(directory / "embeddings.npy", mmap_mode="r", allow_pickle=False)
         if embeddings.shape != (manifest["rows"], manifest["dim"]) or len(ids) != manifest["rows"]:
@@ -72,6 +70,13 @@ class EntityEmbeddings:
                 f"embeddings.npy is {embeddings.shape}, ids.json has {len(ids)}. Run inference again."
             )
         return cls(manifest["entity_type"], ids, embeddings)
+
+
+def read_manifest(path: Path, missing: str) -> dict:
+    """The JSON manifest a serving folder writes last; raises ``FileNotFoundError`` (``missing`` says why) if absent."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No {path.name} in {str(path.parent)!r}: {missing}")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -105,8 +105,8 @@ def read_pairs(path: str | Path, *, task: str, engagements: Sequence[str] | None
     queries = [str(q) for q in table["query"]]
     candidate_ids = [str(c) for c in table["candidate_id"]]
     if engagements is not None:
-        kinds = table["engagement"]
-        keep = [i for i, kind in enumerate(kinds) if kind in set(engagements)]
+        kinds, wanted = table["engagement"], set(engagements)
+        keep = [i for i, kind in enumerate(kinds) if kind in wanted]
         if not keep:
             raise ValueError(
                 f"Task {task!r}: no pair in {path} has an engagement in {list(engagements)}; "

@@ -418,6 +418,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _draw_by_weight(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices drawn with replacement, each with probability proportional to its weight."""
+    cumulative = np.cumsum(weights, dtype=np.float64)
+    drawn = np.searchsorted(cumulative, rng.random(n) * cumulative[-1], side="right")
+    return np.minimum(drawn, len(cumulative) - 1)
+
+
 def _zipf_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     """Weights ``rank ** -exponent`` over a random ranking of ``n`` items, summing to 1."""
     weights = (rng.permutation(n) + 1.0) ** -exponent
@@ -650,9 +657,7 @@ class _QueryLog:
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` query indices drawn by frequency, one per search."""
-        cumulative = np.cumsum(self.frequency, dtype=np.float64)
-        drawn = np.searchsorted(cumulative, rng.random(n) * cumulative[-1], side="right")
-        return np.minimum(drawn, len(cumulative) - 1)
+        return _draw_by_weight(self.frequency, n, rng)
 
     def engaged_sampler(self, num_topics: int) -> _GroupSampler:
         """Train queries by topic and frequency: held-out queries never become entity features."""
@@ -731,9 +736,7 @@ class _Catalogue:
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` entity indices drawn by popularity (as anchors of pin → product events)."""
-        cumulative = np.cumsum(self.popularity, dtype=np.float64)
-        drawn = np.searchsorted(cumulative, rng.random(n) * cumulative[-1], side="right")
-        return np.minimum(drawn, len(cumulative) - 1)
+        return _draw_by_weight(self.popularity, n, rng)
 
     def engaged_by(
         self, queries: _QueryLog | _Catalogue, n: int, rng: np.random.Generator
