@@ -96,7 +96,7 @@ def compare_libraries(data: np.ndarray, queries: np.ndarray, exact: np.ndarray, 
     rows = {}
     for ef in EF_SEARCHES:
         params = faiss.SearchParametersHNSW(efSearch=ef)
-        (_, found), t = timed(lambda: index.search(queries, 10, params=params))
+        (_, found), t = timed(lambda params=params: index.search(queries, 10, params=params))
         rows[ef] = {"recall@10": round(recall_at_k(found, exact), 4), "queries_per_s": round(len(queries) / t, 1)}
     index.hnsw.efSearch = 64
     results[f"faiss-cpu {version('faiss-cpu')}"] = {

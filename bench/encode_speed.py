@@ -49,7 +49,7 @@ def make_lexicon() -> tuple[np.ndarray, np.ndarray]:
     """
     with open(SHARED / "data" / "amazon_pqa" / "ePQA" / "dev.csv", encoding="utf-8", newline="") as handle:
         counts = Counter(w for row in csv.DictReader(handle) for w in (row["candidate"] + " " + row["title"]).split())
-    words, freq = zip(*counts.most_common())
+    words, freq = zip(*counts.most_common(), strict=True)
     freq = np.asarray(freq, dtype=np.float64)
     return np.asarray(words), freq / freq.sum()
 

@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from omnisearchsage_hf.atomic import write_text_atomically
+from omnisearchsage_hf.data.tables import write_table_atomically
 from omnisearchsage_hf.enrichment import (
     CaptionConfig,
     EngagedQueriesConfig,
@@ -56,7 +57,6 @@ from omnisearchsage_hf.enrichment import (
     board_titles,
     caption_entities,
     update_engaged_queries,
-    write_table_atomically,
 )
 from omnisearchsage_hf.tokenization.ngrams import prepare, segment
 
@@ -94,7 +94,7 @@ def generate(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     words = pseudo_words(rng, NUM_WORDS)
     titles = phrases(rng, words, NUM_TITLES, 4)
     respell = rng.random(NUM_TITLES) < 0.15
-    titles = [t.title() + "!" if r else t for t, r in zip(titles, respell)]
+    titles = [t.title() + "!" if r else t for t, r in zip(titles, respell, strict=True)]
     title_pool = pa.array(titles)
     query_pool = pa.array(phrases(rng, words, NUM_QUERIES, 3))
     ids = pa.array([f"pin_{i:07d}" for i in range(args.entities)])
@@ -104,7 +104,7 @@ def generate(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     has_title = rng.random(args.entities) < 0.7
     entity_titles = title_pool.take(pa.array(rng.integers(0, NUM_TITLES, args.entities)))
     entity_titles = pa.array(
-        [t if keep else None for t, keep in zip(entity_titles.to_pylist(), has_title)], pa.string()
+        [t if keep else None for t, keep in zip(entity_titles.to_pylist(), has_title, strict=True)], pa.string()
     )
     pq.write_table(pa.table({"id": ids, "title": entity_titles}), workdir / "entities.parquet")
     seconds["entities"] = time.perf_counter() - start
@@ -197,7 +197,7 @@ def pandas_engaged_queries(logs: pa.Table, config: EngagedQueriesConfig, as_of: 
 
 
 def as_dict(table: pa.Table, column: str) -> dict[str, list[str]]:
-    return dict(zip(table.column("id").to_pylist(), table.column(column).to_pylist()))
+    return dict(zip(table.column("id").to_pylist(), table.column(column).to_pylist(), strict=True))
 
 
 def agreement(ours: dict[str, list[str]], peer: dict[str, list[str]], *, as_sets: bool) -> float:

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from omnisearchsage_hf.atomic import replace_atomically, write_text_atomically
 from omnisearchsage_hf.evaluation import RecallEvaluator
 from omnisearchsage_hf.training.config import load_config
-from omnisearchsage_hf.training.data import held_out_pairs
+from omnisearchsage_hf.training.pairs import held_out_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -152,8 +152,11 @@ def mean_of_images_pin_recall(data_dir: Path) -> dict[str, float]:
     config = load_config(CONFIG)
     pins = pq.read_table(data_dir / "pins.parquet", columns=["id", "visual_embedding"]).to_pydict()
     products = pq.read_table(data_dir / "products.parquet", columns=["id", "visual_embedding"]).to_pydict()
-    pin_vector = {i: np.asarray(v, dtype=np.float32) for i, v in zip(pins["id"], pins["visual_embedding"])}
-    means = {i: np.asarray(v, dtype=np.float32).mean(0) for i, v in zip(products["id"], products["visual_embedding"])}
+    pin_vector = {i: np.asarray(v, dtype=np.float32) for i, v in zip(pins["id"], pins["visual_embedding"], strict=True)}
+    means = {
+        i: np.asarray(v, dtype=np.float32).mean(0)
+        for i, v in zip(products["id"], products["visual_embedding"], strict=True)
+    }
 
     def unit(vectors: list[np.ndarray]) -> np.ndarray:
         stacked = np.stack(vectors)

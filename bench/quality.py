@@ -45,11 +45,13 @@ import yaml
 from transformers import AutoModel
 
 from omnisearchsage_hf.atomic import replace_atomically, write_text_atomically
-from omnisearchsage_hf.evaluation.baselines import load_sentence_encoder, zero_shot_scorer
+from omnisearchsage_hf.data.amazon_pqa import CATALOGUE_FIELDS, product_text
+from omnisearchsage_hf.data.encoders import load_sentence_encoder
+from omnisearchsage_hf.data.xquad_r import LANGUAGES
+from omnisearchsage_hf.evaluation.baselines import zero_shot_scorer
+from omnisearchsage_hf.evaluation.benchmarks import evaluate_epqa, evaluate_xquad
 from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer
-from omnisearchsage_hf.training.amazon_pqa import CATALOGUE_FIELDS, evaluate_epqa, product_text
 from omnisearchsage_hf.training.config import load_config
-from omnisearchsage_hf.training.xquad_r import LANGUAGES, evaluate_xquad
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -202,7 +204,7 @@ def dense_columns(run: Path, table: str) -> dict[str, dict[str, np.ndarray]]:
     data = pq.read_table(run / "data" / table)
     ids = data["id"].to_pylist()
     return {
-        field.name: dict(zip(ids, np.asarray(data[field.name].to_pylist(), dtype=np.float32)))
+        field.name: dict(zip(ids, np.asarray(data[field.name].to_pylist(), dtype=np.float32), strict=True))
         for field in data.schema
         if pa.types.is_list(field.type) and pa.types.is_floating(field.type.value_type)
     }

@@ -3,7 +3,7 @@
 Both sides fine-tune the same pretrained backbone (all-MiniLM-L6-v2, float32, CPU) on the same generated
 query→pin pairs, with the same per-step batch and AdamW, and are timed the same way.
 
-Data: one synthetic world (``omnisearchsage_hf.training.synthetic``, pins only, 256-d pre-existing
+Data: one synthetic world (``omnisearchsage_hf.data.synthetic``, pins only, 256-d pre-existing
 embeddings), generated once and written to a temporary folder that both sides read.
 
 Ours: ``omnisearchsage_hf.training.Trainer.train`` itself, so what is timed is exactly a training step of
@@ -96,7 +96,9 @@ def window(stamps: list[float], args: argparse.Namespace) -> dict:
     start, end = args.warmup, args.warmup + args.steps
     return {
         "seconds": stamps[end] - stamps[start],
-        "step_ms": [round(1000 * (b - a), 1) for a, b in zip(stamps[start:end], stamps[start + 1 : end + 1])],
+        "step_ms": [
+            round(1000 * (b - a), 1) for a, b in zip(stamps[start:end], stamps[start + 1 : end + 1], strict=True)
+        ],
     }
 
 
@@ -106,7 +108,7 @@ def mean_tokens(features: dict[str, torch.Tensor]) -> float:
 
 
 def world_config(args: argparse.Namespace):
-    from omnisearchsage_hf.training.synthetic import SyntheticWorldConfig
+    from omnisearchsage_hf.data.synthetic import SyntheticWorldConfig
 
     # Pins only: the benchmark's tasks read no product, so the product catalogue is one row.
     return SyntheticWorldConfig(
@@ -196,7 +198,9 @@ def run_ours(args: argparse.Namespace, world: Path, minilm: str) -> dict:
         trainer = StampedTrainer(ours_config(args, world, Path(output_dir), minilm))
         trainer.train()
         batch_sizes = trainer.batch_sizes
-        query_tokens = mean_tokens(trainer.query_tower.tokenize(trainer.pairs["query_pin"].queries[:SAMPLE]))
+        query_tokens = mean_tokens(
+            trainer.query_tower.tokenize(trainer.data.pairs["query_pin"].queries(np.arange(SAMPLE)))
+        )
     return {
         **window(stamps, args),
         "mean_query_tokens": query_tokens,
@@ -222,15 +226,16 @@ def run_peer(args: argparse.Namespace, world: Path, minilm: str) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from omnisearchsage_hf.training.data import EntityTable, load_pairs, read_table
+    from omnisearchsage_hf.data.tables import EntityTable
+    from omnisearchsage_hf.training.pairs import load_pairs
     from omnisearchsage_hf.training.tasks import pair_indices
     from omnisearchsage_hf.training.trainer import learning_rate
 
     torch.manual_seed(SEED)
-    pins = EntityTable(read_table(world / "pins.parquet"), TEXT_FIELDS, "pin")
-    passages = [passage(row) for row in pins.rows(range(len(pins)))]
+    pins = EntityTable.read(world / "pins.parquet", name="pin", columns=TEXT_FIELDS)
+    passages = [passage(row) for row in pins.to_records()]
     # The same pairs as our query→pin task: same file, popularity cap (50 per pin), seed and order.
-    pairs = load_pairs(pairs_path(world, "query_pin"), pins.row_of, task="query_pin", max_per_candidate=50, seed=SEED)
+    pairs = load_pairs(pairs_path(world, "query_pin"), pins, task="query_pin", max_per_candidate=50, seed=SEED)
     model = SentenceTransformer(minilm, device="cpu").train()
     if args.peer_max_seq_length:
         model.max_seq_length = args.peer_max_seq_length
@@ -246,14 +251,14 @@ def run_peer(args: argparse.Namespace, world: Path, minilm: str) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, base=args.learning_rate, warmup_steps=args.warmup, max_steps=total_steps)
         picked = pair_indices(len(pairs), step=step, count=args.batch_size, seed=SEED)
-        queries = [pairs.queries[i] for i in picked]
+        queries = pairs.queries(picked)
         documents = [passages[row] for row in pairs.candidates[picked]]
         loss = loss_fn([model.preprocess(queries), model.preprocess(documents)], None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-    queries = pairs.queries[:SAMPLE]
+    queries = pairs.queries(np.arange(SAMPLE))
     documents = [passages[row] for row in pairs.candidates[:SAMPLE]]
     return {
         **window(stamps, args),
@@ -369,7 +374,7 @@ def main() -> None:
 
     import sentence_transformers
 
-    from omnisearchsage_hf.training.synthetic import generate_world
+    from omnisearchsage_hf.data.synthetic import generate_world
 
     runs: dict[str, list[dict]] = {"ours": [], "peer": []}
     with tempfile.TemporaryDirectory(prefix="train_speed_") as scratch:

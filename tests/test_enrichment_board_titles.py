@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from omnisearchsage_hf.data.keys import StringCatalogue, encode_strings, string_keys
 from omnisearchsage_hf.enrichment import board_titles
-from omnisearchsage_hf.enrichment.keys import StringCatalogue, encode_strings, string_keys
 
 
 def saves_table(rows: list[tuple[str, str | None]]) -> pa.Table:
@@ -20,7 +20,7 @@ def saves_table(rows: list[tuple[str, str | None]]) -> pa.Table:
 
 
 def as_dict(table: pa.Table) -> dict[str, list[str]]:
-    return dict(zip(table.column("id").to_pylist(), table.column("board_titles").to_pylist()))
+    return dict(zip(table.column("id").to_pylist(), table.column("board_titles").to_pylist(), strict=True))
 
 
 def test_near_duplicates_collapse_and_the_score_trades_frequency_against_prevalence():

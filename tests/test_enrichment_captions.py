@@ -2,51 +2,17 @@
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers import BlipForConditionalGeneration
 
 from omnisearchsage_hf.enrichment import CaptionCache, CaptionConfig, build_captioner, caption_entities
 from omnisearchsage_hf.enrichment import captions as captions_module
 
-CAPTION_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "a photo of red dress kitchen lamp wall art".split()
-
-
-def build_tiny_blip(folder: Path) -> Path:
-    """Save a randomly initialised BLIP captioner and its processor to ``folder``, as a Hub model is laid out."""
-    (folder / "vocab").mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab" / "vocab.txt"
-    vocab_file.write_text("\n".join(CAPTION_VOCAB) + "\n")
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-        tokenizer=BertTokenizer(str(vocab_file)),
-    )
-    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-    config = BlipConfig(
-        text_config={
-            **small,
-            "vocab_size": len(CAPTION_VOCAB),
-            "max_position_embeddings": 64,
-            "bos_token_id": 2,
-            "eos_token_id": 3,
-            "sep_token_id": 3,
-            "pad_token_id": 0,
-        },
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(config).save_pretrained(folder / "model")
-    processor.save_pretrained(folder / "model")
-    return folder / "model"
-
 
 @pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory) -> str:
+def tiny_blip(tmp_path_factory, build_tiny_blip) -> str:
     return str(build_tiny_blip(tmp_path_factory.mktemp("blip")))
 
 
@@ -65,14 +31,8 @@ def count_generate(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def write_image(path: Path, seed: int) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (24 + seed, 40, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return str(path)
-
-
 @pytest.fixture
-def entities(tmp_path) -> pa.Table:
+def entities(tmp_path, write_image) -> pa.Table:
     images = [write_image(tmp_path / f"img{i}.png", i) for i in range(4)]
     shared = tmp_path / "copy_of_img2.png"
     shared.write_bytes(Path(images[2]).read_bytes())  # same bytes, another path: captioned once

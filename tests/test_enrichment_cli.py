@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_enrichment_captions import build_tiny_blip, write_image
 
 from omnisearchsage_hf.enrichment.cli import main
 
@@ -22,7 +21,7 @@ def test_the_console_entry_point_is_main():
     assert getattr(import_module(module), function) is main
 
 
-def test_enrich_command_writes_every_field_and_updates_incrementally(tmp_path, capsys):
+def test_enrich_command_writes_every_field_and_updates_incrementally(tmp_path, capsys, build_tiny_blip, write_image):
     image = write_image(tmp_path / "pin.png", 0)
     pq.write_table(
         pa.table(

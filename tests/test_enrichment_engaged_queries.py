@@ -19,7 +19,7 @@ NO_DECAY = EngagedQueriesConfig(weights={"click": 1.0, "save": 3.0, "checkout": 
 
 
 def logs_table(rows: list[tuple]) -> pa.Table:
-    columns = list(zip(*rows))
+    columns = list(zip(*rows, strict=True))
     return pa.table(
         {
             "entity_id": pa.array(columns[0], pa.string()),
@@ -33,13 +33,17 @@ def logs_table(rows: list[tuple]) -> pa.Table:
 
 def top(state: EngagedQueryState, top_k: int | None = None) -> dict[str, list[str]]:
     table = state.top_queries(top_k)
-    return dict(zip(table.column("id").to_pylist(), table.column("engaged_queries").to_pylist()))
+    return dict(zip(table.column("id").to_pylist(), table.column("engaged_queries").to_pylist(), strict=True))
 
 
 def scores(state: EngagedQueryState) -> dict[tuple[str, str], float]:
     t = state.table
     return dict(
-        zip(zip(t.column("entity_id").to_pylist(), t.column("query").to_pylist()), t.column("score").to_pylist())
+        zip(
+            zip(t.column("entity_id").to_pylist(), t.column("query").to_pylist(), strict=True),
+            t.column("score").to_pylist(),
+            strict=True,
+        )
     )
 
 
@@ -111,7 +115,7 @@ def windows(logs: pa.Table, edges: list[str]) -> list[tuple[pa.Table, str]]:
     """Split logs into (start, end] windows at ``edges`` (the first edge is before every row)."""
     days = logs.column("date").to_numpy()
     out = []
-    for start, end in zip(edges[:-1], edges[1:]):
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
         mask = (days > np.datetime64(start)) & (days <= np.datetime64(end))
         out.append((logs.filter(pa.array(mask)), end))
     return out
@@ -120,11 +124,12 @@ def windows(logs: pa.Table, edges: list[str]) -> list[tuple[pa.Table, str]]:
 def assert_same_top(full: EngagedQueryState, incremental: EngagedQueryState, rel: float = 1e-9) -> None:
     """Top queries agree, except that queries whose scores tie within ``rel`` may swap places."""
     full_scores, inc_scores = scores(full), scores(incremental)
-    for (entity, full_list), inc_list in zip(top(full).items(), (top(incremental)[e] for e in top(full))):
+    for (entity, full_list), inc_list in zip(top(full).items(), (top(incremental)[e] for e in top(full)), strict=True):
         a = [full_scores[(entity, q)] for q in full_list]
         b = [inc_scores[(entity, q)] for q in inc_list]
         assert a == pytest.approx(b, rel=rel)
-        clear = [q for q, s in zip(full_list, a) if abs(s - a[-1]) > rel * a[-1]]  # above the cut, not tied with it
+        # Above the cut, not tied with it.
+        clear = [q for q, s in zip(full_list, a, strict=True) if abs(s - a[-1]) > rel * a[-1]]
         assert set(clear) <= set(inc_list)
 
 
@@ -186,7 +191,7 @@ def test_pairs_become_engaged_queries_through_the_same_ranking():
 
 @pytest.mark.skipif(not (DATA_ROOT / "amazon_pqa" / "ePQA" / "dev.csv").is_file(), reason="ePQA data not present")
 def test_epqa_training_questions_give_the_same_engaged_queries_as_the_loader():
-    from omnisearchsage_hf.training.amazon_pqa import load_epqa
+    from omnisearchsage_hf.data.amazon_pqa import load_epqa
 
     data = load_epqa(DATA_ROOT)
     ours = engaged_queries_from_pairs((q["asin"], q["question"]) for q in data.questions if q["split"] == "train")

@@ -16,41 +16,10 @@ from omnisearchsage_hf import (
     build_vocab,
 )
 
-FIELDS = ["title", "description", "board_titles"]
-CORPUS = ["Antique copper bathroom sink", "Copper kettle", "red summer dress", "北京 欢迎你", "ภาษาไทย", "مرحبا"]
-
-
-def make_entity_tower(dense=None, seed=0, **config) -> OmniSearchSageEntityModel:
-    torch.manual_seed(seed)
-    tokenizer = build_vocab(CORPUS, oov_buckets=3, show_progress_bar=False)
-    config = OmniSearchSageEntityConfig(
-        **{
-            "vocab_size": tokenizer.vocab_size,
-            "text_fields": FIELDS,
-            "dense_features": {"image_embedding": 4} if dense is None else dense,
-            "num_buckets": 97,
-            "embedding_dim": 16,
-            "hidden_dims": [32, 32],
-            "out_dim": 8,
-            **config,
-        }
-    )
-    model = OmniSearchSageEntityModel(config)
-    model.tokenizer = tokenizer
-    return model
-
 
 @pytest.fixture(scope="module")
-def tower():
+def tower(make_entity_tower):
     return make_entity_tower()
-
-
-ENTITIES = [
-    {"id": "p1", "title": "Antique copper sink", "description": "bathroom", "image_embedding": [1.0, 0.0, 2.0, 0.5]},
-    {"title": "red dress", "board_titles": ["summer", "Dress ideas"]},
-    {"description": "北京欢迎你", "image_embedding": [[1.0, 1.0, 0.0, 0.0], [3.0, 1.0, 0.0, 2.0]]},
-    {"title": "", "description": "sink"},
-]
 
 
 class TestHashEmbedding:
@@ -83,9 +52,9 @@ class TestHashEmbedding:
         assert all(p > 2**30 for p in a.hash_p) and len(a.hash_a) == a.num_hashes == 2
         assert OmniSearchSageEntityConfig.from_dict(a.to_dict()).hash_b == a.hash_b
 
-    def test_gradient_reaches_every_parameter(self, tower):
+    def test_gradient_reaches_every_parameter(self, tower, make_entity_tower, sample_entities):
         model = make_entity_tower()
-        inputs = model.prepare_inputs(ENTITIES)
+        inputs = model.prepare_inputs(sample_entities)
         model(**inputs).embeddings.sum().backward()
         missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         assert missing == []
@@ -93,8 +62,8 @@ class TestHashEmbedding:
 
 
 class TestFeatures:
-    def test_output_is_unit_norm(self, tower):
-        emb = tower.encode(ENTITIES)
+    def test_output_is_unit_norm(self, tower, sample_entities):
+        emb = tower.encode(sample_entities)
         assert emb.shape == (4, 8) and emb.dtype == np.float32
         assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
@@ -109,7 +78,7 @@ class TestFeatures:
         )
         assert np.allclose(out, out[0], atol=1e-6)
 
-    def test_missing_field_is_not_an_empty_contribution_of_bias(self, tower):
+    def test_missing_field_is_not_an_empty_contribution_of_bias(self, tower, make_entity_tower):
         model = make_entity_tower()
         torch.nn.init.normal_(model.field_norm.bias)
         a, b = model.encode([{"title": "copper"}, {"title": "copper", "description": "zzzz qqqq"}])
@@ -141,7 +110,7 @@ class TestFeatures:
         out = tower(inputs["input_ids"], inputs["offsets"], {"image_embedding": values}, {"image_embedding": mask})
         assert torch.allclose(out.embeddings[0], out.embeddings[1], atol=1e-6)
 
-    def test_text_fields_only_and_dense_only_models(self):
+    def test_text_fields_only_and_dense_only_models(self, make_entity_tower):
         text_only = make_entity_tower(dense={})
         assert text_only.encode([{"title": "copper"}]).shape == (1, 8)
         dense_only = make_entity_tower(text_fields=[])
@@ -167,24 +136,24 @@ class TestFeatures:
 
 
 class TestEncode:
-    def test_order_restored_and_batch_size_invariant(self, tower):
-        full = tower.encode(ENTITIES, batch_size=3)
-        one_by_one = tower.encode(ENTITIES, batch_size=1)
+    def test_order_restored_and_batch_size_invariant(self, tower, sample_entities):
+        full = tower.encode(sample_entities, batch_size=3)
+        one_by_one = tower.encode(sample_entities, batch_size=1)
         assert np.allclose(full, one_by_one, atol=1e-6)
-        assert np.allclose(full[2], tower.encode(ENTITIES[2]), atol=1e-6)
+        assert np.allclose(full[2], tower.encode(sample_entities[2]), atol=1e-6)
 
-    def test_single_dict_returns_vector(self, tower):
-        assert tower.encode(ENTITIES[0]).shape == (8,)
+    def test_single_dict_returns_vector(self, tower, sample_entities):
+        assert tower.encode(sample_entities[0]).shape == (8,)
 
-    def test_tensor_and_truncation(self, tower):
-        emb = tower.encode(ENTITIES, convert_to_tensor=True, truncate_dim=4)
+    def test_tensor_and_truncation(self, tower, sample_entities):
+        emb = tower.encode(sample_entities, convert_to_tensor=True, truncate_dim=4)
         assert isinstance(emb, torch.Tensor) and emb.shape == (4, 4)
-        full = tower.encode(ENTITIES, convert_to_tensor=True)
+        full = tower.encode(sample_entities, convert_to_tensor=True)
         assert torch.allclose(emb, torch.nn.functional.normalize(full[:, :4], dim=-1), atol=1e-6)
 
-    def test_restores_training_mode(self, tower):
+    def test_restores_training_mode(self, tower, sample_entities):
         tower.train()
-        tower.encode(ENTITIES[:1])
+        tower.encode(sample_entities[:1])
         assert tower.training
         tower.eval()
 
@@ -209,9 +178,9 @@ class TestBadInput:
         with pytest.raises(error, match=match):
             tower.encode(entities)
 
-    def test_bad_truncate_dim(self, tower):
+    def test_bad_truncate_dim(self, tower, sample_entities):
         with pytest.raises(ValueError, match="truncate_dim"):
-            tower.encode(ENTITIES, truncate_dim=9)
+            tower.encode(sample_entities, truncate_dim=9)
 
     def test_no_tokenizer(self):
         model = OmniSearchSageEntityModel(
@@ -220,9 +189,10 @@ class TestBadInput:
         with pytest.raises(ValueError, match="no tokenizer"):
             model.encode([{"title": "a"}])
 
-    def test_tokenizer_larger_than_model(self):
+    def test_tokenizer_larger_than_model(self, make_entity_tower):
         model = make_entity_tower()
-        model.tokenizer = build_vocab(CORPUS + ["many more words here"], oov_buckets=50, show_progress_bar=False)
+        too_big = model.config.vocab_size + 1  # out-of-vocabulary buckets alone outnumber the model's rows
+        model.tokenizer = build_vocab(["many more words here"], oov_buckets=too_big, show_progress_bar=False)
         with pytest.raises(ValueError, match="vocab_size"):
             model.encode([{"title": "a"}])
 
@@ -248,7 +218,7 @@ class TestBadInput:
 
 
 class TestPersistence:
-    def test_save_load_every_tensor_and_encode(self, tower, tmp_path):
+    def test_save_load_every_tensor_and_encode(self, tower, tmp_path, sample_entities):
         tower.save_pretrained(tmp_path)
         files = {p.name for p in tmp_path.iterdir()}
         assert {"model.safetensors", "config.json", "trigrams.txt", "unigrams.txt", "bigrams.txt"} <= files
@@ -272,30 +242,30 @@ class TestPersistence:
         for name in before:
             assert torch.equal(before[name], after[name]), name
         assert loaded.tokenizer.vocabulary.tokens == tower.tokenizer.vocabulary.tokens
-        assert np.array_equal(loaded.encode(ENTITIES), tower.encode(ENTITIES))
+        assert np.array_equal(loaded.encode(sample_entities), tower.encode(sample_entities))
         assert json.loads((tmp_path / "config.json").read_text())["hash_a"] == tower.config.hash_a
 
-    def test_dense_feature_order_survives_reload(self, tmp_path):
+    def test_dense_feature_order_survives_reload(self, tmp_path, make_entity_tower):
         model = make_entity_tower(dense={"zeta": 2, "alpha": 3})
         assert list(model.config.dense_features) == ["alpha", "zeta"]
         entity = {"title": "sink", "zeta": [1.0, -2.0], "alpha": [0.5, 0.0, 3.0]}
         model.save_pretrained(tmp_path)
         assert np.allclose(AutoModel.from_pretrained(tmp_path).encode(entity), model.encode(entity), atol=1e-6)
 
-    def test_trust_remote_code_without_package(self, tower, tmp_path, run_without_package):
+    def test_trust_remote_code_without_package(self, tower, tmp_path, run_without_package, sample_entities):
         folder = tmp_path / "entity"
         tower.save_pretrained(folder)
         script = f"""
 import json
 from transformers import AutoModel, AutoTokenizer
-entities = json.loads({json.dumps(json.dumps(ENTITIES))})
+entities = json.loads({json.dumps(json.dumps(sample_entities))})
 model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
 assert "omnisearchsage_hf" not in type(model).__module__, type(model).__module__
 print(json.dumps({{"emb": model.encode(entities).tolist(), "ids": tokenizer("copper sink")["input_ids"]}}))
 """
         out = json.loads(run_without_package(script).strip().splitlines()[-1])
-        assert np.allclose(np.array(out["emb"]), tower.encode(ENTITIES), atol=1e-6)
+        assert np.allclose(np.array(out["emb"]), tower.encode(sample_entities), atol=1e-6)
         assert out["ids"] == tower.tokenizer("copper sink")["input_ids"]
 
     def test_corrupted_weights_are_reported(self, tower, tmp_path):
@@ -306,7 +276,7 @@ print(json.dumps({{"emb": model.encode(entities).tolist(), "ids": tokenizer("cop
 
 
 class TestResidualFeature:
-    def test_starts_as_the_feature_then_learns(self):
+    def test_starts_as_the_feature_then_learns(self, make_entity_tower):
         model = make_entity_tower(dense={"e5": 8, "ctx": 8}, residual_features={"e5": 1.0, "ctx": 0.5})
         vector = np.array([3.0, 0, 0, 4.0, 0, 0, 0, 0], dtype=np.float32)
         context = np.array([0, 0, 0, 0, 0, 0, 0, 10.0], dtype=np.float32)
@@ -315,19 +285,19 @@ class TestResidualFeature:
         inputs = model.prepare_inputs([{"title": "copper sink", "e5": vector, "ctx": context}])
         model(**inputs).embeddings[0, 7].backward()
         assert model.mlp.layers[-1].weight.grad.abs().sum() > 0
-        assert model.residual_weights.grad.abs().sum() > 0  # the mix is learned too
+        assert model.residual.weights.grad.abs().sum() > 0  # the mix is learned too
 
-    def test_residual_weights_survive_save_and_load(self, tmp_path):
+    def test_residual_weights_survive_save_and_load(self, tmp_path, make_entity_tower):
         model = make_entity_tower(dense={"e5": 8}, residual_features={"e5": 0.7}, residual_correction_scale=0.1)
-        assert model.correction_scale.item() == pytest.approx(0.1)
+        assert model.residual.correction_scale.item() == pytest.approx(0.1)
         with torch.no_grad():
-            model.residual_weights.fill_(0.3)
-            model.correction_scale.fill_(0.5)
+            model.residual.weights.fill_(0.3)
+            model.residual.correction_scale.fill_(0.5)
         model.save_pretrained(tmp_path)
         reloaded = AutoModel.from_pretrained(tmp_path)
         assert reloaded.config.residual_features == {"e5": 0.7}
-        assert torch.equal(reloaded.residual_weights, model.residual_weights)
-        assert torch.equal(reloaded.correction_scale, model.correction_scale)
+        assert torch.equal(reloaded.residual.weights, model.residual.weights)
+        assert torch.equal(reloaded.residual.correction_scale, model.residual.correction_scale)
 
     def test_residual_feature_must_match_out_dim(self):
         with pytest.raises(StrictDataclassError, match="residual_features"):

@@ -256,11 +256,11 @@ class TestTraining:
         assert model.encode(product).shape == (16,)
 
     def test_engagement_filter_and_query_feature_read_the_right_pairs(self, itemsage_run, tmp_path):
-        from omnisearchsage_hf.training.data import read_pairs
+        from omnisearchsage_hf.training.pairs import read_pairs
 
         output_dir, _ = itemsage_run
         path = output_dir / "data" / "pairs" / "pin_product_train.parquet"
-        queries, candidates = read_pairs(path, task="t", engagements=["checkout"])
+        queries, candidates = (column.to_pylist() for column in read_pairs(path, task="t", engagements=["checkout"]))
         table = pq.read_table(path).to_pandas()
         assert len(queries) == (table["engagement"] == "checkout").sum() > 0
         assert all(q.startswith("pin_") for q in queries) and all(c.startswith("prod_") for c in candidates)
@@ -287,7 +287,9 @@ class TestTraining:
                         "dense_features": {"itemsage_embedding": 16, "visual_embedding": 16}}),
             "--train.max_steps", "5",
         )  # fmt: skip
-        stored = np.load(output_dir / "data" / "embeddings" / "product.itemsage_embedding.npy")
+        # The products table as the trainer read it: the ItemSage embeddings in place of the column.
+        column = pq.read_table(output_dir / "data" / "embeddings" / "product.parquet").column("itemsage_embedding")
+        stored = np.array(column.to_pylist(), dtype=np.float32)
         itemsage = AutoModel.from_pretrained(itemsage_dir / "entity_tower")
         products = pq.read_table(data / "products.parquet").to_pylist()
         wanted = itemsage.encode(

@@ -57,7 +57,7 @@ def hand_loss(queries, positives, negatives, hits, scale, positive_log_q=None, n
     for i, query in enumerate(queries):
 
         def dot(a, b):
-            return sum(x * y for x, y in zip(a, b))
+            return sum(x * y for x, y in zip(a, b, strict=False))
 
         logits = [scale * dot(query, positives[i]) - (positive_log_q[i] if positive_log_q is not None else 0.0)]
         for k, negative in enumerate(negatives):

@@ -70,7 +70,7 @@ def test_ids_match_the_package_evaluator(recall):
     corpus = rng.integers(-2, 3, size=(80, 4))
     ranks = positive_ranks(queries, positives, corpus)
     predictions = []
-    for q, p in zip(queries, positives):
+    for q, p in zip(queries, positives, strict=True):
         scores = corpus @ q  # (corpus_size,)
         order = np.argsort(-scores, kind="stable")
         ahead = [f"c{j}" for j in order if scores[j] >= q @ p]
@@ -81,7 +81,7 @@ def test_ids_match_the_package_evaluator(recall):
 
 def ones(*shapes):
     """Embedding-mode kwargs of the given (query, positive, corpus) shapes; ``None`` leaves one out."""
-    return {name: np.ones(shape) for name, shape in zip(EMBEDDINGS, shapes) if shape is not None}
+    return {name: np.ones(shape) for name, shape in zip(EMBEDDINGS, shapes, strict=True) if shape is not None}
 
 
 EMBEDDINGS = ("query_embeddings", "positive_embeddings", "corpus_embeddings")

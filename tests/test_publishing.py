@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCardData
-from test_entity_tower import ENTITIES, make_entity_tower
 
 from omnisearchsage_hf import OmniSearchSageQueryModel
 from omnisearchsage_hf.evaluation import RecallEvaluator
@@ -24,6 +23,7 @@ QUERY_FILES = {
     "configuration_query.py",
     "modeling_query.py",
     "attached_tokenizer.py",
+    "sentence_transformers_folder.py",
     "encoding.py",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -102,20 +102,20 @@ def hub(monkeypatch) -> FakeHub:
 
 
 @pytest.fixture(scope="module")
-def towers(tiny_backbone_dir):
+def towers(tiny_backbone_dir, make_entity_tower):
     torch.manual_seed(6)
     query_tower = OmniSearchSageQueryModel.from_backbone(tiny_backbone_dir, out_dim=8, query_prefix="query: ")
     return query_tower, make_entity_tower(seed=7)
 
 
 @pytest.fixture(scope="module")
-def run_dir(towers, tmp_path_factory) -> Path:
+def run_dir(towers, tmp_path_factory, sample_entities) -> Path:
     """A finished run's output_dir, as the Trainer exports it, with metrics from the real evaluator."""
     query_tower, entity_tower = towers
     output_dir = tmp_path_factory.mktemp("run")
     query_tower.save_pretrained(output_dir / "query_tower")
     entity_tower.save_pretrained(output_dir / "entity_tower")
-    pins = {f"p{i}": entity for i, entity in enumerate(ENTITIES)}
+    pins = {f"p{i}": entity for i, entity in enumerate(sample_entities)}
     pairs = [("copper sink", "p0"), ("red dress", "p1"), ("北京", "p2"), ("bathroom sink", "p3")]
     metrics = RecallEvaluator(pairs, pins, corpus_size=3, ks=[1, 10], name="query_pin")(
         query_tower.encode, entity_tower.encode
@@ -288,3 +288,4 @@ def test_wheel_contains_the_card_templates(tmp_path):
     [wheel] = tmp_path.glob("omnisearchsage_hf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"omnisearchsage_hf/model_cards/{kind}.md" for kind in CARD_KINDS} <= names
+    assert "omnisearchsage_hf/py.typed" in names  # PEP 561: type checkers read the package's annotations

@@ -15,26 +15,14 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from omnisearchsage_hf.evaluation.baselines import passage_embeddings
+from omnisearchsage_hf.data import xquad_r
+from omnisearchsage_hf.data.amazon_pqa import attribute_text, build_epqa_tables, epqa_split, load_epqa
+from omnisearchsage_hf.data.encoders import passage_embeddings
+from omnisearchsage_hf.data.xquad_r import LANGUAGES, build_xquad_r_tables, gold_sentence_index, load_xquad_r
+from omnisearchsage_hf.evaluation.benchmarks import evaluate_epqa, evaluate_xquad, ranks_of_relevant
 from omnisearchsage_hf.evaluation.scoring import DenseScorer
-from omnisearchsage_hf.training import xquad_r
-from omnisearchsage_hf.training.amazon_pqa import (
-    attribute_text,
-    build_epqa_tables,
-    epqa_split,
-    evaluate_epqa,
-    load_epqa,
-)
 from omnisearchsage_hf.training.config import DataConfig, TrainingConfig, load_config
 from omnisearchsage_hf.training.sources import SOURCE_MARKER, prepare_real_source, prepare_source, source_options
-from omnisearchsage_hf.training.xquad_r import (
-    LANGUAGES,
-    build_xquad_r_tables,
-    evaluate_xquad,
-    gold_sentence_index,
-    load_xquad_r,
-    ranks_of_relevant,
-)
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (ROOT / "xquad_r").is_dir(), reason=f"real data not found under {ROOT}")

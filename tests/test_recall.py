@@ -10,7 +10,7 @@ from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer
 def brute_force_ranks(queries, positives, corpus, excluded=()):
     skip = {(int(p), int(c)) for p, c in excluded}
     ranks = []
-    for i, (q, p) in enumerate(zip(queries, positives)):
+    for i, (q, p) in enumerate(zip(queries, positives, strict=True)):
         pos = float(q @ p)
         ranks.append(sum(1 for j, c in enumerate(corpus) if (i, j) not in skip and float(q @ c) >= pos))
     return np.array(ranks)
@@ -86,7 +86,7 @@ def test_ranks_from_scores_match_brute_force_with_ties_and_exclusions():
     gold = rng.integers(0, 60, 40)
     excluded = np.stack([rng.integers(0, 40, 30), rng.integers(0, 60, 30)], axis=1)
     # The positive is a corpus column here: it never counts against itself, whatever `excluded` says.
-    expected = brute_force_ranks(queries, corpus[gold], corpus, [*excluded, *zip(range(40), gold)])
+    expected = brute_force_ranks(queries, corpus[gold], corpus, [*excluded, *zip(range(40), gold, strict=True)])
     assert np.array_equal(ranks_from_scores(queries @ corpus.T, gold, excluded=excluded), expected)
 
 

@@ -9,7 +9,6 @@ import torch
 from huggingface_hub import HfApi
 from safetensors import safe_open
 from sentence_transformers import SentenceTransformer
-from test_entity_tower import ENTITIES, make_entity_tower
 
 from omnisearchsage_hf import OmniSearchSageQueryModel
 from omnisearchsage_hf.publishing import save_query_document_model
@@ -86,7 +85,7 @@ def test_save_pretrained_push_to_hub_commits_the_whole_folder_at_once(query_towe
 
 
 @pytest.fixture(scope="module")
-def towers(tiny_backbone_dir):
+def towers(tiny_backbone_dir, make_entity_tower):
     torch.manual_seed(4)
     query_tower = OmniSearchSageQueryModel.from_backbone(tiny_backbone_dir, out_dim=8, query_prefix="query: ")
     return query_tower, make_entity_tower(seed=5)
@@ -117,18 +116,18 @@ print(json.dumps({{"st": st.tolist(), "hf": hf.tolist()}}))
     np.testing.assert_allclose(np.array(result["hf"]), expected, atol=ATOL)
 
 
-def test_encode_query_and_encode_document_go_through_the_router(towers, router_dir):
+def test_encode_query_and_encode_document_go_through_the_router(towers, router_dir, sample_entities):
     query_tower, entity_tower = towers
     model = SentenceTransformer(str(router_dir), trust_remote_code=True)
     assert type(model[0]).__name__ == "Router"
     queries = model.encode_query(QUERIES)
-    documents = model.encode_document(ENTITIES)
+    documents = model.encode_document(sample_entities)
     np.testing.assert_allclose(queries, query_tower.encode(QUERIES), atol=ATOL)
-    np.testing.assert_allclose(documents, entity_tower.encode(ENTITIES), atol=ATOL)
+    np.testing.assert_allclose(documents, entity_tower.encode(sample_entities), atol=ATOL)
     scores = model.similarity(queries, documents)
     np.testing.assert_allclose(scores.numpy(), queries @ documents.T, atol=ATOL)
     # The document route is the default; the query route with an explicit task equals encode_query.
-    np.testing.assert_allclose(model.encode(ENTITIES, task="document"), documents, atol=ATOL)
+    np.testing.assert_allclose(model.encode(sample_entities, task="document"), documents, atol=ATOL)
 
 
 def test_router_folder_keeps_each_tower_loadable(towers, router_dir):
@@ -143,13 +142,13 @@ def test_router_needs_trust_remote_code(router_dir):
         SentenceTransformer(str(router_dir))
 
 
-def test_entities_take_no_prompt(router_dir):
+def test_entities_take_no_prompt(router_dir, sample_entities):
     model = SentenceTransformer(str(router_dir), trust_remote_code=True)
     with pytest.raises(ValueError, match="Entities take no prompt"):
-        model.encode_document(ENTITIES, prompt="query: ")
+        model.encode_document(sample_entities, prompt="query: ")
 
 
-def test_towers_must_share_out_dim(towers, tmp_path):
+def test_towers_must_share_out_dim(towers, tmp_path, make_entity_tower):
     with pytest.raises(ValueError, match="out_dim"):
         save_query_document_model(towers[0], make_entity_tower(out_dim=4), tmp_path)
 
@@ -181,7 +180,9 @@ print(json.dumps(result))
 
 
 @pytest.mark.slow
-def test_published_folders_load_in_a_fresh_environment_without_this_package(towers, router_dir, tmp_path):
+def test_published_folders_load_in_a_fresh_environment_without_this_package(
+    towers, router_dir, tmp_path, sample_entities
+):
     """save → a new virtual environment with only torch, transformers and sentence-transformers → load and embed."""
     import shutil
     import subprocess
@@ -202,7 +203,7 @@ def test_published_folders_load_in_a_fresh_environment_without_this_package(towe
     python = str(venv / "bin" / "python")
     packages = ["torch==2.13.0", "transformers", "sentence-transformers"]
     subprocess.run([python, "-m", "pip", "install", "-q", *packages], check=True, timeout=1200)
-    arguments = json.dumps([QUERIES, ENTITIES, str(folder), str(router_dir), "org/omnisearchsage-query"])
+    arguments = json.dumps([QUERIES, sample_entities, str(folder), str(router_dir), "org/omnisearchsage-query"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     completed = subprocess.run(
@@ -210,8 +211,8 @@ def test_published_folders_load_in_a_fresh_environment_without_this_package(towe
     )
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    print("fresh environment: transformers %s, sentence-transformers %s" % tuple(result["versions"]))
+    print("fresh environment: transformers {}, sentence-transformers {}".format(*tuple(result["versions"])))
     for key in ("st", "hf", "st_hub", "hf_hub"):
         np.testing.assert_allclose(np.array(result[key]), query_tower.encode(QUERIES), atol=ATOL, err_msg=key)
     np.testing.assert_allclose(np.array(result["query"]), towers[0].encode(QUERIES), atol=ATOL)
-    np.testing.assert_allclose(np.array(result["document"]), entity_tower.encode(ENTITIES), atol=ATOL)
+    np.testing.assert_allclose(np.array(result["document"]), entity_tower.encode(sample_entities), atol=ATOL)

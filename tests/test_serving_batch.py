@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from omnisearchsage_hf import OmniSearchSageEntityConfig, OmniSearchSageEntityModel, build_vocab
+from omnisearchsage_hf import OmniSearchSageEntityModel
 from omnisearchsage_hf.serving.batch_inference import (
     EntityEmbeddings,
     embed_entity_table,
@@ -53,16 +53,8 @@ def make_table(path: Path, n: int = 23) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tower():
-    torch.manual_seed(0)
-    tokenizer = build_vocab(WORDS, show_progress_bar=False)
-    config = OmniSearchSageEntityConfig(
-        vocab_size=tokenizer.vocab_size, text_fields=["title"], dense_features={"image_embedding": 4},
-        num_buckets=97, embedding_dim=16, hidden_dims=[32], out_dim=8,
-    )  # fmt: skip
-    model = OmniSearchSageEntityModel(config)
-    model.tokenizer = tokenizer
-    return model.eval()
+def tower(make_entity_tower):
+    return make_entity_tower(WORDS, oov_buckets=0, text_fields=["title"], hidden_dims=[32]).eval()
 
 
 class CountingTower:
@@ -172,6 +164,8 @@ def test_cli_two_processes_and_kill_resume(tower, tmp_path):
     loaded = EntityEmbeddings.load(tmp_path / "out")
     np.testing.assert_allclose(loaded.embeddings, expected(AutoModel.from_pretrained(tmp_path / "tower"), table),
                                atol=1e-5)  # fmt: skip
-    subprocess.run(["omnisearchsage-index", "--embeddings", str(tmp_path / "out"), "--out", str(tmp_path / "index"),
-                    "--recall-queries", "20"], check=True, timeout=300, capture_output=True)  # fmt: skip
+    # `omnisearchsage-index`, run through this interpreter: PATH need not hold the environment's scripts.
+    command = [sys.executable, "-m", "omnisearchsage_hf.serving.cli", "index", "--embeddings", str(tmp_path / "out"),
+               "--out", str(tmp_path / "index"), "--recall-queries", "20"]  # fmt: skip
+    subprocess.run(command, check=True, timeout=300, capture_output=True)
     assert json.loads((tmp_path / "index" / "index.json").read_text())["sizes"] == {"pin": 40}

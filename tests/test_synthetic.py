@@ -9,8 +9,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from omnisearchsage_hf import OmniSearchSageEntityConfig, OmniSearchSageEntityModel, build_vocab
-from omnisearchsage_hf.training.synthetic import (
+from omnisearchsage_hf import OmniSearchSageEntityConfig
+from omnisearchsage_hf.data.synthetic import (
     ENTITY_METADATA_COLUMNS,
     PIN_ENGAGEMENTS,
     PRODUCT_ENGAGEMENTS,
@@ -19,8 +19,8 @@ from omnisearchsage_hf.training.synthetic import (
     SyntheticWorldConfig,
     entity_features,
     generate_world,
-    main,
 )
+from omnisearchsage_hf.data.synthetic.__main__ import main
 
 SMALL = {
     "num_pins": 300,
@@ -52,9 +52,9 @@ def _tables(world: SyntheticWorld) -> list:
 
 def test_same_seed_gives_the_same_world_and_another_seed_does_not():
     first, second = generate_world(SyntheticWorldConfig(**SMALL)), generate_world(SyntheticWorldConfig(**SMALL))
-    assert all(a.equals(b) for a, b in zip(_tables(first), _tables(second)))
+    assert all(a.equals(b) for a, b in zip(_tables(first), _tables(second), strict=True))
     other = generate_world(SyntheticWorldConfig(**SMALL, seed=1))
-    assert not any(a.equals(b) for a, b in zip(_tables(first), _tables(other)))
+    assert not any(a.equals(b) for a, b in zip(_tables(first), _tables(other), strict=True))
 
 
 def test_pins_have_the_papers_coverage_rates(world):
@@ -101,17 +101,20 @@ def test_pairs_reference_existing_ids_and_merge_repeats(world):
 
 
 def test_engagements_stay_mostly_on_topic(world):
-    topic_of_query = dict(zip(world.queries.column("text"), world.queries.column("topic")))
-    topic_of_pin = dict(zip(world.pins.column("id"), world.pins.column("topic")))
+    topic_of_query = dict(zip(world.queries.column("text"), world.queries.column("topic"), strict=True))
+    topic_of_pin = dict(zip(world.pins.column("id"), world.pins.column("topic"), strict=True))
     pairs = world.pairs["query_pin"]["train"]
     on_topic = np.mean(
-        [topic_of_query[q] == topic_of_pin[c] for q, c in zip(pairs.column("query"), pairs.column("candidate_id"))]
+        [
+            topic_of_query[q] == topic_of_pin[c]
+            for q, c in zip(pairs.column("query"), pairs.column("candidate_id"), strict=True)
+        ]
     )
     assert 0.85 < on_topic < 1.0  # off-topic noise: 5% of events
 
 
 def test_test_queries_never_appear_in_train_pairs(world):
-    split = dict(zip(world.queries.column("text"), world.queries.column("split")))
+    split = dict(zip(world.queries.column("text"), world.queries.column("split"), strict=True))
     test_queries = {text for text, s in split.items() if s == "test"}
     assert len(test_queries) == round(0.1 * len(split))
     for task in TASKS:
@@ -159,22 +162,19 @@ def test_languages_differ_and_japanese_uses_cjk(world):
     assert lengths.min() == 1 and lengths.max() == 5
 
 
-def test_records_are_accepted_by_the_entity_tower(world):
+def test_records_are_accepted_by_the_entity_tower(world, make_entity_tower):
     pins, products = world.pins[:50], world.products[:50]
     assert not set(ENTITY_METADATA_COLUMNS) & set(pins[0]) and pins[0]["id"] == "pin_000000"
     assert world.pins[-1]["id"] == world.pins.column("id")[-1]
     fields = ("title", "description", "caption", "board_titles", "engaged_queries")
-    tokenizer = build_vocab([p[f] for p in pins + products for f in fields], show_progress_bar=False)
-    config = OmniSearchSageEntityConfig(
-        vocab_size=tokenizer.vocab_size,
+    model = make_entity_tower(
+        [p[f] for p in pins + products for f in fields],
+        oov_buckets=0,
+        text_fields=OmniSearchSageEntityConfig.text_fields,  # the default fields
+        dense=dict.fromkeys(("pinsage_embedding", "visual_embedding", "itemsage_embedding"), 32),
         num_buckets=101,
-        embedding_dim=16,
         hidden_dims=[16],
-        out_dim=8,
-        dense_features=dict.fromkeys(("pinsage_embedding", "visual_embedding", "itemsage_embedding"), 32),
     )
-    model = OmniSearchSageEntityModel(config)
-    model.tokenizer = tokenizer
     assert model.encode(pins).shape == (50, 8)
     assert model.encode(products + pins[:5]).shape == (55, 8)
 
@@ -272,9 +272,11 @@ def test_pin_product_pairs_for_itemsage():
     assert set(train["candidate_id"]) | set(test["candidate_id"]) <= products
     assert not set(train["query"]) & set(test["query"])  # split by pin
     assert set(train["engagement"]) == set(PRODUCT_ENGAGEMENTS)  # clicks, saves, add to cart, checkout, closeups
-    topic_of_pin = dict(zip(world.pins.column("id"), world.pins.column("topic")))
-    topic_of_product = dict(zip(world.products.column("id"), world.products.column("topic")))
-    on_topic = np.mean([topic_of_pin[p] == topic_of_product[c] for p, c in zip(train["query"], train["candidate_id"])])
+    topic_of_pin = dict(zip(world.pins.column("id"), world.pins.column("topic"), strict=True))
+    topic_of_product = dict(zip(world.products.column("id"), world.products.column("topic"), strict=True))
+    on_topic = np.mean(
+        [topic_of_pin[p] == topic_of_product[c] for p, c in zip(train["query"], train["candidate_id"], strict=True)]
+    )
     assert 0.85 < on_topic < 1.0
     images = [len(v) for v in world.products.table.column("visual_embedding").to_pylist()]
     assert max(images) == 20 and min(images) == 1

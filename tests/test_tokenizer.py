@@ -89,7 +89,7 @@ def tokenizer(corpus):
 
 def _bag_multisets(bags):
     ends = bags.offsets.tolist()[1:] + [len(bags.input_ids)]
-    return [sorted(bags.input_ids[s:e].tolist()) for s, e in zip(bags.offsets.tolist(), ends)]
+    return [sorted(bags.input_ids[s:e].tolist()) for s, e in zip(bags.offsets.tolist(), ends, strict=True)]
 
 
 class TestBatchPath:
@@ -135,11 +135,11 @@ class TestBatchPath:
         assert ids.numel() > 0 and all(tok.vocabulary.oov_offset <= i < tok.vocab_size for i in ids.tolist())
         tok.save_pretrained(tmp_path)
         script = (
-            "import sys, json; sys.path.insert(0, %r)\n"
+            "import sys, json; sys.path.insert(0, {!r})\n"
             "from omnisearchsage_hf import OmniSearchSageTokenizer\n"
-            "t = OmniSearchSageTokenizer.from_pretrained(%r)\n"
+            "t = OmniSearchSageTokenizer.from_pretrained({!r})\n"
             "print(json.dumps(t.encode_bags(['zzzzqqq wwwvvv']).input_ids.tolist()))"
-        ) % (str(__import__("pathlib").Path(__file__).parents[1]), str(tmp_path))
+        ).format(str(__import__("pathlib").Path(__file__).parents[1]), str(tmp_path))
         env = {"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
         assert json.loads(out.stdout.strip().splitlines()[-1]) == ids.tolist()
@@ -202,7 +202,7 @@ class TestSaveLoad:
         assert isinstance(loaded, OmniSearchSageTokenizer)
         assert loaded.vocabulary.tokens == tokenizer.vocabulary.tokens
         assert loaded.max_chars_per_field == tokenizer.max_chars_per_field
-        for a, b in zip(loaded.encode_bags(corpus), tokenizer.encode_bags(corpus)):
+        for a, b in zip(loaded.encode_bags(corpus), tokenizer.encode_bags(corpus), strict=True):
             assert torch.equal(a, b)
         assert loaded.get_vocab() == tokenizer.get_vocab() and len(loaded) == tokenizer.vocab_size
 

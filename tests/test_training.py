@@ -1,5 +1,6 @@
 """Training: task mixing, config, schedule, and real runs of training/configs/tiny.yaml (2 processes, kill/resume)."""
 
+import itertools
 import json
 import os
 import re
@@ -14,14 +15,12 @@ import pytest
 from transformers import AutoModel, BertConfig, DistilBertConfig
 
 from omnisearchsage_hf import OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from omnisearchsage_hf.training.builders import transformer_blocks
 from omnisearchsage_hf.training.config import load_config, parse_overrides
-from omnisearchsage_hf.training.tasks import (
-    cap_pairs_per_candidate,
-    pair_indices,
-    random_negative_indices,
-    task_batch_sizes,
-)
-from omnisearchsage_hf.training.trainer import _transformer_blocks, latest_checkpoint, learning_rate
+from omnisearchsage_hf.training.pairs import cap_pairs_per_candidate
+from omnisearchsage_hf.training.run_files import latest_checkpoint
+from omnisearchsage_hf.training.tasks import pair_indices, random_negative_indices, task_batch_sizes
+from omnisearchsage_hf.training.trainer import learning_rate
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "training" / "configs" / "tiny.yaml"
@@ -106,7 +105,7 @@ class TestConfigAndSchedule:
         rates = [learning_rate(s, base=1.0, warmup_steps=10, max_steps=110) for s in range(110)]
         assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
         assert rates[60] == pytest.approx(0.5, abs=0.02) and rates[-1] < 0.01
-        assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+        assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
 
     def test_latest_checkpoint_ignores_partial(self, tmp_path):
         for name in ("step_10", "step_30", "step_40.partial", "step_x"):
@@ -146,18 +145,9 @@ def _env() -> dict:
 
 
 def test_two_process_tiny_run(tmp_path):
-    command = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        str(ROOT / "training" / "train.py"),
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(tmp_path),
-    ]
+    # `accelerate launch` run by this interpreter (PATH need not hold the environment's scripts), then train.py.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command = [*launch, *_train_command(tmp_path)[1:]]
     result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -199,8 +189,10 @@ def test_kill_and_resume(tmp_path):
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
 def test_pairs_from_any_format_with_cap(tmp_path, suffix):
     import pandas as pd
+    import pyarrow as pa
 
-    from omnisearchsage_hf.training.data import load_pairs
+    from omnisearchsage_hf.data.tables import EntityTable
+    from omnisearchsage_hf.training.pairs import load_pairs
 
     frame = pd.DataFrame({"query": [f"q{i % 7}" for i in range(30)], "candidate_id": ["a"] * 25 + ["b"] * 5})
     path = tmp_path / f"pairs{suffix}"
@@ -209,11 +201,13 @@ def test_pairs_from_any_format_with_cap(tmp_path, suffix):
         ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
         ".csv": lambda: frame.to_csv(path, index=False),
     }[suffix]()
-    pairs = load_pairs(path, {"a": 0, "b": 1}, task="t", max_per_candidate=10, seed=0)
+    pairs = load_pairs(path, EntityTable(pa.table({"id": ["a", "b"]})), task="t", max_per_candidate=10, seed=0)
     assert np.bincount(pairs.candidates).tolist() == [10, 5]
-    assert len(set(pairs.query_ids.tolist())) == len(set(pairs.queries))
-    with pytest.raises(ValueError, match="not in the candidate table"):
-        load_pairs(path, {"a": 0}, task="t", max_per_candidate=None, seed=0)
+    assert (
+        len(set(pairs.query_ids.tolist())) == len(set(pairs.queries(np.arange(len(pairs))))) == len(pairs.query_texts)
+    )
+    with pytest.raises(ValueError, match="'b' in the pairs of task 't' .* is not in entity table"):
+        load_pairs(path, EntityTable(pa.table({"id": ["a"]})), task="t", max_per_candidate=None, seed=0)
 
 
 def test_bf16_with_gradient_accumulation(tmp_path):
@@ -248,7 +242,7 @@ def test_bf16_with_gradient_accumulation(tmp_path):
 )
 def test_transformer_blocks_are_the_backbone_layer_stack(backbone):
     model = AutoModel.from_config(backbone)
-    blocks = _transformer_blocks(model)
+    blocks = transformer_blocks(model)
     assert len(blocks) == 3 and blocks is (
         model.encoder.layer if hasattr(model, "encoder") else model.transformer.layer
     )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from omnisearchsage_hf.training import Trainer, load_config, parse_overrides
+from omnisearchsage_hf.training.config import load_config, parse_overrides
+from omnisearchsage_hf.training.trainer import Trainer
 
 
 def main() -> None:

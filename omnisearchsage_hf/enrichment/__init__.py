@@ -9,13 +9,13 @@ table as parquet.
 from .board_titles import board_titles
 from .captions import CaptionCache, CaptionConfig, build_captioner, caption_entities, caption_images
 from .cli import enrich_entities
+from .columns import attach_column
 from .engaged_queries import (
     EngagedQueriesConfig,
     EngagedQueryState,
     engaged_queries_from_pairs,
     update_engaged_queries,
 )
-from .entity_table import attach_column, iter_batches, read_entities, write_table_atomically
 
 __all__ = [
     "CaptionCache",
@@ -29,8 +29,5 @@ __all__ = [
     "caption_images",
     "engaged_queries_from_pairs",
     "enrich_entities",
-    "iter_batches",
-    "read_entities",
     "update_engaged_queries",
-    "write_table_atomically",
 ]

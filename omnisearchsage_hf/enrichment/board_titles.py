@@ -31,9 +31,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..tokenization.ngrams import _span_keys, prepare, segment_batch
-from .entity_table import DEFAULT_BATCH_SIZE, ID_COLUMN, TableSource, drop_null_rows, iter_batches
-from .keys import StringCatalogue, encode_strings, group_starts, lexical_ranks, list_array, rank_within_groups
+from ..data.keys import StringCatalogue, encode_strings, group_starts, lexical_ranks, list_array, rank_within_groups
+from ..data.tables import DEFAULT_BATCH_SIZE, ID_COLUMN, TableSource, iter_batches
+from ..tokenization.ngrams import prepare, segment_batch, span_keys
+from .columns import drop_null_rows
 
 SAVE_COLUMNS = ("entity_id", "board_title")
 MAX_TITLE_CHARS = 256  # characters of a title that are read: longer ones are descriptions, not titles
@@ -150,7 +151,7 @@ class _NormalisedTitles:
         first_word = np.cumsum(num_words) - num_words
         has_words = np.flatnonzero(num_words > 0)
         # A title's key hashes its word-key sequence, with the same polynomial hash as a word's characters.
-        raw_key = _span_keys(word_keys, first_word[has_words], first_word[has_words] + num_words[has_words])
+        raw_key = span_keys(word_keys, first_word[has_words], first_word[has_words] + num_words[has_words])
         title_keys, title_of_kept = np.unique(raw_key, return_inverse=True)
         self.count = len(title_keys)
         self.title_of_raw = np.full(num_raw, -1, dtype=np.int64)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .entity_table import write_table_atomically
+from ..data.tables import write_table_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class CaptionCache:
         self._captions: dict[str, str] = {}
         for table in self._shards():
             mine = table.filter(pc.equal(table.column("captioner"), captioner_key))
-            self._captions.update(zip(mine.column("image_sha256").to_pylist(), mine.column("caption").to_pylist()))
+            self._captions.update(
+                zip(mine.column("image_sha256").to_pylist(), mine.column("caption").to_pylist(), strict=True)
+            )
 
     def __len__(self) -> int:
         return len(self._captions)
@@ -198,7 +200,7 @@ def caption_images(
             max_new_tokens=config.max_new_tokens,
             return_full_text=False,
         )
-        captions = {sha: output["generated_text"].strip() for (sha, _), output in zip(batch, outputs)}
+        captions = {sha: output["generated_text"].strip() for (sha, _), output in zip(batch, outputs, strict=True)}
         cache.add(captions)
         for sha, caption in captions.items():
             for position in waiting.pop(sha):
@@ -274,7 +276,7 @@ def caption_entities(
             for name in config.text_fields
             if name in entities.column_names
         ]
-        images = [None if any(flags) else image for image, *flags in zip(images, *present)]
+        images = [None if any(flags) else image for image, *flags in zip(images, *present, strict=True)]
     cache = CaptionCache(cache_dir, config.captioner_key())
     captions = caption_images(
         images, config=config, cache=cache, captioner=captioner, show_progress_bar=show_progress_bar

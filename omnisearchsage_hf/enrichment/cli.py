@@ -26,16 +26,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..data.tables import DEFAULT_BATCH_SIZE, EntityTable, TableSource, write_table_atomically
 from .board_titles import board_titles
 from .captions import CaptionConfig, caption_entities
+from .columns import attach_column
 from .engaged_queries import EngagedQueriesConfig, EngagedQueryState, update_engaged_queries
-from .entity_table import (
-    DEFAULT_BATCH_SIZE,
-    TableSource,
-    attach_column,
-    read_entities,
-    write_table_atomically,
-)
 
 CAPTION_FIELD = "caption"
 
@@ -189,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     start = time.perf_counter()
     entities, summary = enrich_entities(
-        read_entities(args.entities),
+        EntityTable.read(args.entities, name="entities").table,
         board_saves=args.board_saves,
         max_board_titles=args.max_board_titles,
         engagement_logs=args.engagements,

@@ -39,15 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .entity_table import (
-    DEFAULT_BATCH_SIZE,
-    ID_COLUMN,
-    TableSource,
-    drop_null_rows,
-    iter_batches,
-    write_table_atomically,
-)
-from .keys import StringCatalogue, encode_strings, lexical_ranks, list_array, rank_within_groups
+from ..data.keys import StringCatalogue, encode_strings, lexical_ranks, list_array, rank_within_groups
+from ..data.tables import DEFAULT_BATCH_SIZE, ID_COLUMN, TableSource, iter_batches, write_table_atomically
+from .columns import drop_null_rows
 
 LOG_COLUMNS = ("entity_id", "query", "engagement", "count", "date")
 DEFAULT_WEIGHTS = {"click": 1.0, "closeup": 1.0, "save": 2.0, "add_to_cart": 3.0, "checkout": 5.0}
@@ -230,7 +224,9 @@ def update_engaged_queries(
                 value,
             )
         )
-    entity_keys, query_keys, scores = _sum_pairs(*(np.concatenate(p) for p in zip(*parts))) if parts else _no_pairs()
+    entity_keys, query_keys, scores = (
+        _sum_pairs(*(np.concatenate(p) for p in zip(*parts, strict=True))) if parts else _no_pairs()
+    )
     positive = scores > 0
     entity_keys, query_keys, scores = entity_keys[positive], query_keys[positive], scores[positive]
 
@@ -286,7 +282,7 @@ def engaged_queries_from_pairs(pairs: Iterable[tuple[str, str]], *, top_k: int =
     )
     config = EngagedQueriesConfig(weights={"pair": 1.0}, top_k=top_k, half_life_days=None, state_size=top_k)
     top = update_engaged_queries(logs, as_of=_EPOCH, config=config).top_queries()
-    return dict(zip(top.column(ID_COLUMN).to_pylist(), top.column("engaged_queries").to_pylist()))
+    return dict(zip(top.column(ID_COLUMN).to_pylist(), top.column("engaged_queries").to_pylist(), strict=True))
 
 
 def _sum_pairs(

@@ -2,90 +2,19 @@
 
 The quality benchmarks compare OmniSearchSage with off-the-shelf encoders used the way their authors
 intend (multilingual-e5: mean pooling with ``query: ``/``passage: `` prefixes; all-MiniLM-L6-v2: its own
-sentence-transformers pipeline). ``load_sentence_encoder`` builds either from a local folder, and
-``zero_shot_scorer`` turns one into a ``DenseScorer`` over any text of a corpus row.
+sentence-transformers pipeline). ``omnisearchsage_hf.data.encoders.load_sentence_encoder`` builds
+either from a local folder, and ``zero_shot_scorer`` turns one into a ``DenseScorer`` over any text of a
+corpus row.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from ..atomic import save_npy_atomically
 from .scoring import DenseScorer
-
-Pooling = Literal["mean", "cls"]
-
-
-def load_sentence_encoder(folder: str | Path, *, pooling: Pooling = "mean", max_length: int = 128):
-    """A ``SentenceTransformer`` from a local folder, normalised.
-
-    A sentence-transformers folder (with ``modules.json``) loads as saved; a plain transformers encoder
-    folder becomes ``Transformer(max_length) → Pooling(pooling) → Normalize``.
-
-    Args:
-        folder: Local model folder (``python ../shared/tools/backbones.py me5|minilm`` prints one).
-        pooling: Pooling of a plain encoder folder.
-        max_length: Token limit of a plain encoder folder.
-    """
-    # Imported here: sentence-transformers takes seconds to import, and only the baselines need it.
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    path = Path(os.path.expandvars(os.path.expanduser(str(folder)))).resolve()
-    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"Encoder folder {str(folder)!r} holds no config.json or modules.json.")
-    if (path / "modules.json").is_file():
-        return SentenceTransformer(str(path), device="cpu")
-    transformer = Transformer(str(path), max_seq_length=max_length)
-    return SentenceTransformer(
-        modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling), Normalize()], device="cpu"
-    )
-
-
-def passage_embeddings(
-    texts: Sequence[str],
-    encoder: str | Path,
-    *,
-    prefix: str = "passage: ",
-    max_length: int = 128,
-    batch_size: int = 64,
-    cache_dir: str | Path | None = None,
-    show_progress_bar: bool = True,
-) -> np.ndarray:
-    """Zero-shot embeddings of ``prefix + text`` by a local Hugging Face encoder folder, cached on disk.
-
-    The encoder runs as sentence-transformers ``Transformer → mean Pooling → Normalize``, which is how
-    multilingual-e5 is used (``python ../shared/tools/backbones.py me5`` prints its folder). With a
-    ``cache_dir`` the result is stored as ``{cache_dir}/passages-{fingerprint}.npy`` (written whole,
-    then renamed) and read back by any later call with the same encoder folder, prefix, length and texts.
-
-    Returns:
-        ``(len(texts), dim)`` float32, unit-norm rows.
-    """
-    folder = Path(os.path.expandvars(os.path.expanduser(str(encoder)))).resolve()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"`compat_encoder` {str(encoder)!r} is not a model folder (no config.json).")
-    digest = hashlib.sha256(json.dumps([str(folder), prefix, max_length]).encode())
-    for text in texts:
-        digest.update(text.encode() + b"\0")
-    cache = Path(cache_dir) / f"passages-{digest.hexdigest()[:20]}.npy" if cache_dir is not None else None
-    if cache is not None and cache.is_file():
-        return np.load(cache)
-    model = load_sentence_encoder(folder, pooling="mean", max_length=max_length)
-    embeddings = model.encode(
-        [prefix + text for text in texts], batch_size=batch_size, show_progress_bar=show_progress_bar
-    ).astype(np.float32)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_npy_atomically(cache, embeddings)
-    return embeddings
 
 
 def zero_shot_scorer(
@@ -99,7 +28,7 @@ def zero_shot_scorer(
     """Score queries against corpus rows with one pretrained encoder on both sides.
 
     Args:
-        encoder: A ``SentenceTransformer`` (e.g. from ``load_sentence_encoder``).
+        encoder: A ``SentenceTransformer`` (e.g. from ``data.encoders.load_sentence_encoder``).
         text: ``row → str``, the passage text of a corpus row.
         query_prefix, passage_prefix: Prepended to each side (``"query: "``/``"passage: "`` for e5).
         batch_size: Encoding batch size.
@@ -120,4 +49,4 @@ def zero_shot_scorer(
     )
 
 
-__all__ = ["load_sentence_encoder", "passage_embeddings", "zero_shot_scorer"]
+__all__ = ["zero_shot_scorer"]

@@ -53,11 +53,11 @@ class DenseScorer:
         missing = list({row["id"]: row for row in rows if row["id"] not in self._cache}.values())
         if missing:
             embeddings = np.asarray(self.corpus_encoder(missing), dtype=np.float32)
-            self._cache.update(zip((row["id"] for row in missing), embeddings))
+            self._cache.update(zip((row["id"] for row in missing), embeddings, strict=True))
         corpus = np.stack([self._cache[row["id"]] for row in rows])  # (num_rows, dim)
         new = list(dict.fromkeys(q for q in queries if q not in self._query_cache))
         if new:
-            self._query_cache.update(zip(new, np.asarray(self.query_encoder(new), dtype=np.float32)))
+            self._query_cache.update(zip(new, np.asarray(self.query_encoder(new), dtype=np.float32), strict=True))
         return np.stack([self._query_cache[q] for q in queries]) @ corpus.T  # (num_queries, num_rows)
 
 

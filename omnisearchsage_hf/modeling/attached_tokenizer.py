@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import has_file, logging
 
@@ -39,6 +39,35 @@ def _has_tokenizer(path: str | os.PathLike, subfolder: str = "", **hub_kwargs: A
     filename = f"{subfolder}/tokenizer_config.json" if subfolder else "tokenizer_config.json"
     lookup_names = ("revision", "proxies", "token", "cache_dir", "local_files_only")
     return has_file(path, filename, **{name: hub_kwargs[name] for name in lookup_names if name in hub_kwargs})
+
+
+def commit_folder(
+    api: HfApi,
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    commit_message: str = "Upload OmniSearchSage model",
+    **commit_kwargs: Any,
+) -> CommitInfo:
+    """Commit every file under ``folder`` (subfolders kept), plus ``extra_files``, to ``repo_id`` at once.
+
+    The one way this package pushes to the Hub: a model's ``save_pretrained(push_to_hub=True)`` and
+    ``publishing.push_folder`` both call it, so a repository never holds half of a folder.
+
+    Args:
+        api: The Hub client.
+        folder: A saved model folder.
+        repo_id: An existing repository.
+        extra_files: ``path in repo → content`` added (or replacing a file of the folder), e.g. a card.
+        commit_message: Message of the commit.
+        commit_kwargs: Other ``HfApi.create_commit`` arguments (``revision``, ``create_pr``…).
+    """
+    folder, extra_files = Path(folder), dict(extra_files or {})
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in extra_files)
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p) for p in files]
+    operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in extra_files.items()]
+    return api.create_commit(repo_id, operations, commit_message=commit_message, **commit_kwargs)
 
 
 class AttachedTokenizerMixin:
@@ -82,9 +111,9 @@ class AttachedTokenizerMixin:
         self._save_extra_files(Path(save_directory))
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", Path(save_directory).name)
-            api = HfApi(token=push_kwargs.get("token"))
+            api = HfApi(token=push_kwargs.pop("token", None))
             repo_id = api.create_repo(repo_id, private=push_kwargs.pop("private", None), exist_ok=True).repo_id
-            self._upload_modified_files(save_directory, repo_id, files_timestamps={}, **push_kwargs)
+            commit_folder(api, save_directory, repo_id, **push_kwargs)
 
     def _save_extra_files(self, save_directory: Path) -> None:
         """Hook for files a model adds to its saved folder beyond weights, config, code and tokenizer."""

@@ -45,7 +45,7 @@ def check_hash_parameters(config: PreTrainedConfig) -> None:
     for name in ("hash_a", "hash_b", "hash_p"):
         if len(getattr(config, name)) != config.num_hashes:
             raise ValueError(f"`{name}` has {len(getattr(config, name))} entries; `num_hashes` is {config.num_hashes}.")
-    for a, b, p in zip(config.hash_a, config.hash_b, config.hash_p):
+    for a, b, p in zip(config.hash_a, config.hash_b, config.hash_p, strict=True):
         if not (p > config.vocab_size and 1 <= a < p and 0 <= b < p):
             raise ValueError(
                 f"Hash parameters need p > vocab_size ({config.vocab_size}), 1 <= a < p and 0 <= b < p; "

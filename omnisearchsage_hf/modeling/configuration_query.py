@@ -84,7 +84,8 @@ class OmniSearchSageQueryConfig(PreTrainedConfig):
         hidden = getattr(self.backbone_config, "hidden_size", None)
         if self.projection_init == "identity" and hidden is not None and self.out_dim > hidden:
             raise ValueError(
-                f"`projection_init='identity'` needs `out_dim` <= the backbone's hidden size ({hidden}), got {self.out_dim}."
+                f"`projection_init='identity'` needs `out_dim` <= the backbone's hidden size ({hidden}), "
+                f"got {self.out_dim}."
             )
 
     def validate_backbone(self):

@@ -12,6 +12,7 @@ numpy, transformers and its flat siblings.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,12 +40,19 @@ class OmniSearchSageEntityOutput(ModelOutput):
     embeddings: torch.Tensor | None = None
 
 
-def mlp_layers(widths: list[int], out_dim: int, eps: float) -> list[nn.Module]:
-    """Linear → ReLU → LayerNorm from each width in ``widths`` to the next, then a Linear to ``out_dim``."""
+class ZeroInitLinear(nn.Linear):
+    """A ``Linear`` that starts at zero (``_init_weights`` recognises the type): a correction that starts off."""
+
+
+def mlp_layers(widths: list[int], out_dim: int, eps: float, *, zero_output: bool = False) -> list[nn.Module]:
+    """Linear → ReLU → LayerNorm from each width in ``widths`` to the next, then a Linear to ``out_dim``.
+
+    With ``zero_output`` the last Linear is a ``ZeroInitLinear``, so the stack outputs zeros until trained.
+    """
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(widths, widths[1:]):
+    for fan_in, fan_out in itertools.pairwise(widths):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU(), nn.LayerNorm(fan_out, eps=eps)]
-    return [*layers, nn.Linear(widths[-1], out_dim)]
+    return [*layers, (ZeroInitLinear if zero_output else nn.Linear)(widths[-1], out_dim)]
 
 
 class EntityMLP(nn.Module):
@@ -53,10 +61,34 @@ class EntityMLP(nn.Module):
     def __init__(self, config: OmniSearchSageEntityConfig):
         super().__init__()
         widths = [config.embedding_dim + sum(config.dense_features.values())] + list(config.hidden_dims)
-        self.layers = nn.Sequential(*mlp_layers(widths, config.out_dim, config.layer_norm_eps))
+        # With a residual mix, the tower starts as the mix itself (see `ResidualMix`).
+        zero_output = bool(config.residual_features)
+        self.layers = nn.Sequential(*mlp_layers(widths, config.out_dim, config.layer_norm_eps, zero_output=zero_output))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
+
+
+class ResidualMix(nn.Module):
+    """The tower's output as a learned mix of pre-existing embeddings plus a scaled MLP correction.
+
+    ``correction_scale * mlp_out + sum_i weights[i] * dense[name_i]`` over ``config.residual_features``
+    (pre-existing embeddings of width ``out_dim``, e.g. an e5 passage embedding). With the MLP's last
+    layer started at zero, an untrained tower returns the mix itself: training starts from the
+    pretrained space instead of from a random one.
+    """
+
+    def __init__(self, config: OmniSearchSageEntityConfig):
+        super().__init__()
+        self.names = list(config.residual_features)
+        self.weights = nn.Parameter(torch.empty(len(self.names)))  # (num_residual_features,)
+        self.correction_scale = nn.Parameter(torch.empty(()))
+
+    def forward(self, mlp_out: torch.Tensor, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mixed = self.correction_scale * mlp_out  # (batch_size, out_dim)
+        for weight, name in zip(self.weights, self.names, strict=True):
+            mixed = mixed + weight * dense[name]
+        return mixed
 
 
 class OmniSearchSageEntityPreTrainedModel(PreTrainedModel):
@@ -67,13 +99,12 @@ class OmniSearchSageEntityPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if self.config.residual_features and module is self.mlp.layers[-1]:
-            # The tower starts as the residual mix itself (see the config's `residual_features`).
+        if isinstance(module, ZeroInitLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
             return
-        if module is self and self.config.residual_features:
-            init.copy_(module.residual_weights, torch.tensor(list(self.config.residual_features.values())))
+        if isinstance(module, ResidualMix):
+            init.copy_(module.weights, torch.tensor(list(self.config.residual_features.values())))
             init.constant_(module.correction_scale, self.config.residual_correction_scale)
         super()._init_weights(module)
         init_text_bags(module, self.config)
@@ -100,9 +131,7 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, EntityInputsMixin, OmniS
         self.embeddings = HashEmbeddingBag(config)
         self.field_norm = FieldLayerNorm(config)
         self.mlp = EntityMLP(config)
-        if config.residual_features:
-            self.residual_weights = nn.Parameter(torch.empty(len(config.residual_features)))
-            self.correction_scale = nn.Parameter(torch.empty(()))
+        self.residual = ResidualMix(config) if config.residual_features else None
         self.tokenizer = None
         self.post_init()
 
@@ -133,10 +162,8 @@ class OmniSearchSageEntityModel(AttachedTokenizerMixin, EntityInputsMixin, OmniS
             for name, dim in self.config.dense_features.items()
         }  # name -> (batch_size, dim)
         embeddings = self.mlp(torch.cat(parts + list(dense.values()), dim=-1))  # (batch_size, out_dim)
-        if self.config.residual_features:
-            embeddings = self.correction_scale * embeddings
-        for weight, name in zip(getattr(self, "residual_weights", ()), self.config.residual_features):
-            embeddings = embeddings + weight * dense[name]
+        if self.residual is not None:
+            embeddings = self.residual(embeddings, dense)  # (batch_size, out_dim)
         return OmniSearchSageEntityOutput(embeddings=F.normalize(embeddings, p=2, dim=-1))
 
     @staticmethod

@@ -14,13 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from ..modeling.attached_tokenizer import commit_folder
 from ..tokenization import OmniSearchSageTokenizer
 from ..training.config import TrainingConfig, load_config
-from ..training.trainer import CONFIG_FILE
+from ..training.run_files import ENTITY_TOWER, METRICS_FILE, QUERY_TOWER, read_run_config
 from .model_card import CardKind, model_card
 from .query_document import save_query_document_model
 
@@ -70,11 +71,16 @@ def push_folder(
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p) for p in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
-    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr)
+    card_file = {"README.md": str(card).encode("utf-8")}
+    return commit_folder(
+        api,
+        folder,
+        repo_id,
+        extra_files=card_file,
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+    )
 
 
 def push_to_hub(
@@ -169,22 +175,22 @@ def publish(
         ```
     """
     output_dir = Path(output_dir)
-    for name in ("query_tower", "entity_tower"):
+    for name in (QUERY_TOWER, ENTITY_TOWER):
         if not (output_dir / name / "config.json").is_file():
             raise FileNotFoundError(
                 f"{output_dir / name} holds no saved tower: `output_dir` must be a finished run's output_dir "
                 "(Trainer.train() exports query_tower/, entity_tower/ and metrics.json there)."
             )
-    metrics_path = output_dir / "metrics.json"
+    metrics_path = output_dir / METRICS_FILE
     metrics: Mapping[str, float] = (
         json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     )
-    if training_config is None and (output_dir / CONFIG_FILE).is_file():
-        training_config = output_dir / CONFIG_FILE  # written by the Trainer
-    if training_config is not None and not isinstance(training_config, TrainingConfig):
+    if training_config is None:
+        training_config = read_run_config(output_dir)  # written by the Trainer, None for other folders
+    elif not isinstance(training_config, TrainingConfig):
         training_config = load_config(training_config)
-    query_tower = OmniSearchSageQueryModel.from_pretrained(output_dir / "query_tower")
-    entity_tower = OmniSearchSageEntityModel.from_pretrained(output_dir / "entity_tower")
+    query_tower = OmniSearchSageQueryModel.from_pretrained(output_dir / QUERY_TOWER)
+    entity_tower = OmniSearchSageEntityModel.from_pretrained(output_dir / ENTITY_TOWER)
 
     repos = {"query": f"{repo_prefix}-query", "entity": f"{repo_prefix}-entity", "query_document": repo_prefix}
     card_kwargs = {

@@ -76,7 +76,7 @@ def exact_search(queries: np.ndarray, embeddings: np.ndarray, k: int, *, chunk_s
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of ``|found ∩ exact| / k`` for ``(num_queries, k)`` row indices."""
-    hits = sum(len(np.intersect1d(f[f >= 0], e)) for f, e in zip(found, exact))
+    hits = sum(len(np.intersect1d(f[f >= 0], e)) for f, e in zip(found, exact, strict=True))
     return hits / exact.size
 
 

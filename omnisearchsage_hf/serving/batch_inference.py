@@ -32,8 +32,8 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, save_npy_atomically, write_text_atomically
+from ..data.tables import EntityTable
 from ..modeling import ItemSageModel, OmniSearchSageEntityModel
-from ..training.data import EntityTable, read_table
 
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
@@ -151,7 +151,7 @@ def embed_entity_table(
     state = state or PartialState()
     output_dir = Path(output_dir)
     features = model.config.input_features()
-    entities = EntityTable(read_table(table), features, name=str(table))
+    entities = EntityTable.read(table, name=str(table), columns=features)
     num_chunks = math.ceil(len(entities) / chunk_size)
     plan = {
         "table": str(Path(table).resolve()),
@@ -176,7 +176,7 @@ def embed_entity_table(
     for chunk in todo:
         rows = chunk_rows(len(entities), chunk_size, chunk)
         vectors = model.encode(
-            entities.rows(list(rows)), batch_size=batch_size, show_progress_bar=False
+            entities.rows(np.arange(rows.start, rows.stop)), batch_size=batch_size, show_progress_bar=False
         )  # (len(rows), dim)
         save_npy_atomically(_chunk_path(output_dir, chunk), np.ascontiguousarray(vectors, dtype=np.float32))
         bar.update(1)
@@ -185,7 +185,7 @@ def embed_entity_table(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    return _merge(output_dir, entities.ids, num_chunks, plan)
+    return _merge(output_dir, entities.ids.to_pylist(), num_chunks, plan)
 
 
 def _chunk_path(output_dir: Path, chunk: int) -> Path:

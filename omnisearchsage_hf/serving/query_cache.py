@@ -236,7 +236,7 @@ class CachedQueryEmbedder:
         self._counts["model_calls"] += 1
         self._counts["model_queries"] += len(batch)
         expires_at = self.clock() + self.ttl_seconds
-        for query, vector in zip(batch, vectors):
+        for query, vector in zip(batch, vectors, strict=True):
             if self.max_size:
                 self._entries[query] = (expires_at, vector)
                 self._entries.move_to_end(query)

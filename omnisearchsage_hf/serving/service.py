@@ -166,7 +166,7 @@ def create_app(
         vector = await embedder.embed(query)
         found = index.search(vector, k, entity_types)
         results = {
-            entity_type: [{"id": i, "score": float(s)} for i, s in zip(result.ids[0], result.scores[0])]
+            entity_type: [{"id": i, "score": float(s)} for i, s in zip(result.ids[0], result.scores[0], strict=False)]
             for entity_type, result in found.items()
         }
         return Response(orjson.dumps({"results": results}), media_type=JSON)

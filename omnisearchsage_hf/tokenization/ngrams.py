@@ -99,7 +99,7 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
 
 
-def _span_keys(codepoints: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def span_keys(codepoints: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """64-bit keys of the strings ``codepoints[starts[i]:ends[i]]`` (non-empty, non-overlapping, in order)."""
     if len(starts) == 0:
         return np.zeros(0, dtype=np.uint64)
@@ -169,7 +169,7 @@ def segment_batch(items: Sequence[str]) -> BatchSegments:
     joins_next[:-1] = joins_previous[1:]
     word_ends = np.flatnonzero(is_word & ~joins_next) + 1
     word_item = item_of_char[word_starts]
-    unigram_keys = _span_keys(cps, word_starts, word_ends)
+    unigram_keys = span_keys(cps, word_starts, word_ends)
 
     bigram_left = np.flatnonzero(word_item[:-1] == word_item[1:])
     bigram_keys = _bigram_keys(unigram_keys[bigram_left], unigram_keys[bigram_left + 1])
@@ -198,7 +198,7 @@ class NgramTokens(NamedTuple):
 def segment(prepared: str) -> NgramTokens:
     """All n-grams of one prepared text, as strings (the readable view of ``segment_batch``)."""
     seg = segment_batch([prepared])
-    words = [prepared[s:e] for s, e in zip(seg.word_starts.tolist(), seg.word_ends.tolist())]
+    words = [prepared[s:e] for s, e in zip(seg.word_starts.tolist(), seg.word_ends.tolist(), strict=True)]
     return NgramTokens(
         trigrams=[prepared[i : i + 3] for i in seg.trigram_starts.tolist()],
         unigrams=words,
@@ -219,10 +219,10 @@ def token_keys(kind: str, tokens: Sequence[str]) -> np.ndarray:
         if len(tokens) and lengths.min() == 0:
             raise ValueError("A unigram vocabulary entry is empty; every entry must be a word.")
         ends = np.cumsum(lengths)
-        return _span_keys(_codepoints("".join(tokens)), ends - lengths, ends)
+        return span_keys(_codepoints("".join(tokens)), ends - lengths, ends)
     if kind == "bigram":
         pairs = [t.split(BOUNDARY) for t in tokens]
-        bad = next((t for t, p in zip(tokens, pairs) if len(p) != 2 or not all(p)), None)
+        bad = next((t for t, p in zip(tokens, pairs, strict=True) if len(p) != 2 or not all(p)), None)
         if bad is not None:
             raise ValueError(f"Every bigram must be two words joined by {BOUNDARY!r}, got {bad!r}.")
         words = token_keys("unigram", [w for pair in pairs for w in pair]).reshape(-1, 2)

@@ -116,7 +116,7 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
                     "with `from_pretrained`, or build vocabularies from text with `omnisearchsage_hf.build_vocab`."
                 )
             lists = {}
-            for kind, path in zip(KINDS, files.values()):
+            for kind, path in zip(KINDS, files.values(), strict=True):
                 try:
                     lists[kind] = _read_vocabulary_file(path)
                     token_keys(kind, lists[kind])
@@ -148,9 +148,9 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         tokens = segment(prepare(text, self.max_chars_per_field))
         tagged = []
-        for kind, strings in zip(KINDS, tokens):
+        for kind, strings in zip(KINDS, tokens, strict=True):
             ids = self.vocabulary.ids(kind, token_keys(kind, strings))
-            tagged += [_TAGS[kind] + s for s, i in zip(strings, ids.tolist()) if i >= 0]
+            tagged += [_TAGS[kind] + s for s, i in zip(strings, ids.tolist(), strict=True) if i >= 0]
         return tagged
 
     def _convert_token_to_id(self, token: str) -> int:
@@ -178,7 +178,7 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
         if not directory.is_dir():
             raise ValueError(f"`save_directory` {save_directory!r} is not a directory.")
         paths = []
-        for kind, name in zip(KINDS, VOCAB_FILES_NAMES.values()):
+        for kind, name in zip(KINDS, VOCAB_FILES_NAMES.values(), strict=True):
             path = directory / ((filename_prefix + "-" if filename_prefix else "") + name)
             _write_text_atomically(path, "".join(token + "\n" for token in self.vocabulary.tokens[kind]))
             paths.append(str(path))

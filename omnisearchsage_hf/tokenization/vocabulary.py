@@ -29,7 +29,7 @@ class _Counts:
 
     def add(self, keys: np.ndarray, string_at) -> None:
         unique, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        for key, index, count in zip(unique.tolist(), first.tolist(), counts.tolist()):
+        for key, index, count in zip(unique.tolist(), first.tolist(), counts.tolist(), strict=True):
             if key in self.counts:
                 self.counts[key] += count
             else:
@@ -100,7 +100,10 @@ def build_vocab(
             raise ValueError(f"`{name}` must be an int >= {lowest}, got {value!r}.")
     # An empty vocabulary still needs a tokenizer to prepare text the way it will be encoded.
     preparer = OmniSearchSageTokenizer(vocabulary=NgramVocabulary([], [], []), max_chars_per_field=max_chars_per_field)
-    counts = {kind: _Counts(size, prune_factor) for kind, size in zip(KINDS, (trigram_size, unigram_size, bigram_size))}
+    counts = {
+        kind: _Counts(size, prune_factor)
+        for kind, size in zip(KINDS, (trigram_size, unigram_size, bigram_size), strict=True)
+    }
     progress = tqdm(desc="Counting n-grams", unit=" texts", disable=not show_progress_bar)
     for batch in _batches(texts, batch_size):
         items = [item for i, value in enumerate(batch) for item in preparer.prepare_field(value, "texts", i) if item]

@@ -22,6 +22,57 @@ EntityArchitecture = Literal["omnisearchsage", "itemsage"]
 DEFAULT_POPULARITY_CAPS = {"pin": 50, "product": 200}
 
 
+CandidateKind = Literal["entity", "query", "compat"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What embeds a task's candidates, parsed once from its config string.
+
+    ``"entity:<table>"``: the learned entity tower over that entity table; ``"query"``: the query tower
+    itself (query→query pairs); ``"compat:<table>:<feature>"``: a compatibility tower returning the
+    table's pre-existing embedding ``feature``. ``str(candidate)`` gives the config string back.
+    """
+
+    kind: CandidateKind
+    table: str | None = None
+    feature: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, task: str = "?") -> Candidate:
+        parts = text.split(":") if isinstance(text, str) else []
+        arity = {"entity": 2, "query": 1, "compat": 3}
+        if not parts or parts[0] not in arity or len(parts) != arity[parts[0]] or not all(parts):
+            raise ValueError(
+                f"Task {task!r}: `candidate` {text!r} must be 'entity:<table>', 'query' or 'compat:<table>:<feature>'."
+            )
+        return cls(parts[0], *parts[1:])
+
+    def __str__(self) -> str:
+        return ":".join(part for part in (self.kind, self.table, self.feature) if part is not None)
+
+
+@dataclass(frozen=True)
+class QueryFeature:
+    """A fixed query side: the pre-existing embedding ``feature`` of the entity table ``table``.
+
+    Parsed from ``"<table>:<feature>"``; ``str()`` gives that string back.
+    """
+
+    table: str
+    feature: str
+
+    @classmethod
+    def parse(cls, text: str, *, task: str = "?") -> QueryFeature:
+        parts = text.split(":") if isinstance(text, str) else []
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"Task {task!r}: `query_feature` {text!r} must be '<table>:<feature>'.")
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return f"{self.table}:{self.feature}"
+
+
 @dataclass
 class TaskConfig:
     """One training task: a pair source, the tower that embeds its candidates, and its share of each batch.
@@ -47,14 +98,32 @@ class TaskConfig:
     """
 
     name: str
-    candidate: str
+    candidate: Candidate | str
     pairs: str | None = None
     eval_pairs: str | None = None
     share: float = 1.0
     max_pairs_per_candidate: int | None = None
     num_random_negatives: int = 0
-    query_feature: str | None = None
+    query_feature: QueryFeature | str | None = None
     engagements: list[str] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.candidate, Candidate):
+            self.candidate = Candidate.parse(self.candidate, task=self.name)
+        if self.query_feature is not None and not isinstance(self.query_feature, QueryFeature):
+            self.query_feature = QueryFeature.parse(self.query_feature, task=self.name)
+
+    @property
+    def table(self) -> str | None:
+        """The entity table of the candidates (None for query→query tasks)."""
+        return self.candidate.table
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as they are written in YAML (candidate and query feature as strings)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["candidate"] = str(self.candidate)
+        values["query_feature"] = None if self.query_feature is None else str(self.query_feature)
+        return values
 
 
 @dataclass
@@ -63,8 +132,8 @@ class DataConfig:
 
     Args:
         source: ``files`` (paths given here), or a source prepared under ``<output_dir>/data``, to which the
-            paths are then relative: ``synthetic`` (a generated world, see ``synthetic``), ``xquad_r`` or
-            ``amazon_pqa`` (real data sets read from ``root``, see ``xquad_r`` and ``amazon_pqa``).
+            paths are then relative: ``synthetic`` (a generated world, see ``data.synthetic``), ``xquad_r`` or
+            ``amazon_pqa`` (real data sets read from ``root``, see ``data.xquad_r`` and ``data.amazon_pqa``).
         entities: Entity table name → file (parquet, jsonl or csv) with an ``id`` column.
         tasks: The tasks trained together.
         synthetic: ``SyntheticWorldConfig`` fields for ``source: synthetic``.
@@ -192,7 +261,10 @@ class TrainingConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values, as ``load_config`` reads them back (``training_config.yaml`` in a run folder)."""
+        tree = dataclasses.asdict(self)
+        tree["data"]["tasks"] = [task.to_dict() for task in self.data.tasks]
+        return tree
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
@@ -286,22 +358,11 @@ def validate_config(config: TrainingConfig) -> None:
             f"{len(config.data.tasks)} tasks at least one pair per step."
         )
     for task in config.data.tasks:
-        kind = task.candidate.split(":")[0]
-        if (
-            kind not in ("entity", "query", "compat")
-            or (kind == "entity" and task.candidate.count(":") != 1)
-            or (kind == "compat" and task.candidate.count(":") != 2)
-        ):
-            raise ValueError(
-                f"Task {task.name!r}: `candidate` {task.candidate!r} must be 'entity:<table>', 'query' or "
-                "'compat:<table>:<feature>'."
-            )
         if task.share <= 0:
             raise ValueError(f"Task {task.name!r}: `share` must be > 0, got {task.share!r}.")
-        if task.query_feature is not None and (kind == "query" or task.query_feature.count(":") != 1):
+        if task.query_feature is not None and task.candidate.kind == "query":
             raise ValueError(
-                f"Task {task.name!r}: `query_feature` {task.query_feature!r} must be '<table>:<feature>', and "
-                "the candidate an entity or compat tower."
+                f"Task {task.name!r}: `query_feature` {str(task.query_feature)!r} needs an entity or compat candidate."
             )
         engagements = task.engagements
         if engagements is not None and not (
@@ -320,6 +381,8 @@ def validate_config(config: TrainingConfig) -> None:
 
 __all__ = [
     "DEFAULT_POPULARITY_CAPS",
+    "Candidate",
+    "QueryFeature",
     "DataConfig",
     "EvalConfig",
     "LossConfig",

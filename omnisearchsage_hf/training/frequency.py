@@ -172,7 +172,7 @@ class CountMinSketch:
         self.hash_b = state_dict["hash_b"].to(device=device, dtype=torch.long).clone()
 
     def _check_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """Validate ``(n,)`` or ``(n, key_size)`` integer keys; return them ``(n, key_size)`` int64 on the table's device.
+        """Validate ``(n,)`` or ``(n, key_size)`` integer keys; return them ``(n, key_size)`` int64 on its device.
 
         The table follows the keys: on first use from another device it moves there.
         """

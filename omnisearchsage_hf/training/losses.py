@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank
 from .frequency import ConditionalFrequencyEstimator, EstimatorGroup, FrequencyEstimator
+from .loss_inputs import check_finite_and_index, check_ids, check_matrix, check_vector
 
 
 def accidental_hits(
@@ -234,20 +235,18 @@ class SampledSoftmaxLoss(nn.Module):
         negative_ids: Tensor | None = None,
         negative_log_q: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        batch_size = _check_matrix("query_embeddings", query_embeddings)
-        _check_matrix("candidate_embeddings", candidate_embeddings, rows=batch_size)
-        _check_ids("query_ids", query_ids, batch_size)
-        _check_ids("candidate_ids", candidate_ids, batch_size)
+        batch_size = check_matrix("query_embeddings", query_embeddings)
+        check_matrix("candidate_embeddings", candidate_embeddings, rows=batch_size)
+        check_ids("query_ids", query_ids, batch_size)
+        check_ids("candidate_ids", candidate_ids, batch_size)
         if self.random_negatives:
             if negative_embeddings is None or negative_ids is None:
                 raise ValueError(
                     "random_negatives=True needs `negative_embeddings` and `negative_ids` (random catalogue "
                     "entities); pass them or build the loss with random_negatives=False."
                 )
-            num_negatives = _check_matrix(
-                "negative_embeddings", negative_embeddings, cols=candidate_embeddings.shape[1]
-            )
-            _check_ids("negative_ids", negative_ids, num_negatives)
+            num_negatives = check_matrix("negative_embeddings", negative_embeddings, cols=candidate_embeddings.shape[1])
+            check_ids("negative_ids", negative_ids, num_negatives)
         elif negative_embeddings is not None:
             raise ValueError("`negative_embeddings` were given but random_negatives=False; drop them or enable it.")
 
@@ -325,25 +324,23 @@ class SampledSoftmaxLoss(nn.Module):
         Returns:
             ``(total, parts)`` as in the class docstring.
         """
-        batch_size = _check_matrix("query_embeddings", query_embeddings)
-        num_candidates = _check_matrix("candidate_embeddings", candidate_embeddings)
-        _check_ids("positive_index", positive_index, batch_size)
-        _check_ids("candidate_ids", candidate_ids, num_candidates)
-        _check_ids("query_ids", query_ids, num_candidates)
+        batch_size = check_matrix("query_embeddings", query_embeddings)
+        num_candidates = check_matrix("candidate_embeddings", candidate_embeddings)
+        check_ids("positive_index", positive_index, batch_size)
+        check_ids("candidate_ids", candidate_ids, num_candidates)
+        check_ids("query_ids", query_ids, num_candidates)
         use_candidate_log_q = self.in_batch_negatives and self.logq_correction
-        _check_vector("candidate_log_q", candidate_log_q, num_candidates, use_candidate_log_q, "logq_correction")
-        _check_vector("positive_log_q", positive_log_q, batch_size, self.positive_correction, "positive_correction")
+        check_vector("candidate_log_q", candidate_log_q, num_candidates, use_candidate_log_q, "logq_correction")
+        check_vector("positive_log_q", positive_log_q, batch_size, self.positive_correction, "positive_correction")
         finite = [("query_embeddings", query_embeddings), ("candidate_embeddings", candidate_embeddings)]
         if self.random_negatives:
             if negative_embeddings is None or negative_ids is None:
                 raise ValueError("random_negatives=True needs `negative_embeddings` and `negative_ids`.")
-            num_negatives = _check_matrix(
-                "negative_embeddings", negative_embeddings, cols=candidate_embeddings.shape[1]
-            )
-            _check_ids("negative_ids", negative_ids, num_negatives)
-            _check_vector("negative_log_q", negative_log_q, num_negatives, self.logq_correction, "logq_correction")
+            num_negatives = check_matrix("negative_embeddings", negative_embeddings, cols=candidate_embeddings.shape[1])
+            check_ids("negative_ids", negative_ids, num_negatives)
+            check_vector("negative_log_q", negative_log_q, num_negatives, self.logq_correction, "logq_correction")
             finite.append(("negative_embeddings", negative_embeddings))
-        _check_finite_and_index(finite, positive_index, num_candidates)
+        check_finite_and_index(finite, positive_index, num_candidates)
         plan = self._matryoshka_plan(query_embeddings.shape[1], candidate_embeddings.shape[1])
 
         positive_ids, row_query_ids = candidate_ids[positive_index], query_ids[positive_index]  # (B,), (B,)
@@ -390,7 +387,7 @@ class SampledSoftmaxLoss(nn.Module):
                 )
             return [("", None, 1.0)]
         plan = []
-        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights, strict=False):
             if dim > candidate_dim:
                 continue  # e.g. 512 against a 256-d legacy embedding: only the prefixes it has are trained
             if dim > query_dim:
@@ -428,7 +425,8 @@ class SampledSoftmaxLoss(nn.Module):
         return """
 @inproceedings{agarwal2024omnisearchsage,
       title={OmniSearchSage: Multi-Task Multi-Entity Embeddings for Pinterest Search},
-      author={Prabhat Agarwal and Minhazul Islam Sk and Nikil Pancha and Kurchi Subhra Hazra and Jiajing Xu and Chuck Rosenberg},
+      author={Prabhat Agarwal and Minhazul Islam Sk and Nikil Pancha and Kurchi Subhra Hazra
+              and Jiajing Xu and Chuck Rosenberg},
       booktitle={Companion Proceedings of the ACM Web Conference 2024},
       year={2024},
       eprint={2404.16260},
@@ -437,7 +435,8 @@ class SampledSoftmaxLoss(nn.Module):
 }
 @inproceedings{yi2019samplingbias,
       title={Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations},
-      author={Xinyang Yi and Ji Yang and Lichan Hong and Derek Zhiyuan Cheng and Lukasz Heldt and Aditee Kumthekar and Zhe Zhao and Li Wei and Ed Chi},
+      author={Xinyang Yi and Ji Yang and Lichan Hong and Derek Zhiyuan Cheng and Lukasz Heldt
+              and Aditee Kumthekar and Zhe Zhao and Li Wei and Ed Chi},
       booktitle={Proceedings of the 13th ACM Conference on Recommender Systems},
       year={2019},
       url={https://doi.org/10.1145/3298689.3346996},
@@ -448,47 +447,6 @@ class SampledSoftmaxLoss(nn.Module):
 def _prefix(embeddings: Tensor, dim: int | None) -> Tensor:
     """The first ``dim`` dims renormalised to unit length, or ``embeddings`` unchanged when ``dim`` is None."""
     return embeddings if dim is None else F.normalize(embeddings[:, :dim], p=2, dim=-1)  # (n, dim)
-
-
-def _check_matrix(name: str, value: Tensor, *, rows: int | None = None, cols: int | None = None) -> int:
-    if not isinstance(value, Tensor) or value.ndim != 2 or not value.dtype.is_floating_point:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"`{name}` must be a 2-D float tensor (n, dim), got {shape}.")
-    if value.shape[0] == 0:
-        raise ValueError(f"`{name}` is empty (0 rows); skip this task's loss for an empty batch.")
-    if rows is not None and value.shape[0] != rows:
-        raise ValueError(f"`{name}` must have {rows} rows, one per query, got {value.shape[0]}.")
-    if cols is not None and value.shape[1] != cols:
-        raise ValueError(f"`{name}` must have {cols} dims like the candidates, got {value.shape[1]}.")
-    return value.shape[0]
-
-
-def _check_ids(name: str, value: Tensor, length: int) -> None:
-    if not isinstance(value, Tensor) or value.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"`{name}` must be an int64 tensor, got {getattr(value, 'dtype', type(value).__name__)}.")
-    if value.ndim != 1 or value.shape[0] != length:
-        raise ValueError(f"`{name}` must have shape ({length},), got {tuple(value.shape)}.")
-
-
-def _check_vector(name: str, value: Tensor | None, length: int, required: bool, option: str) -> None:
-    if value is None:
-        if required:
-            raise ValueError(f"{option}=True needs `{name}` of shape ({length},); pass it or turn {option} off.")
-        return
-    if value.ndim != 1 or value.shape[0] != length:
-        raise ValueError(f"`{name}` must have shape ({length},), got {tuple(value.shape)}.")
-
-
-def _check_finite_and_index(embeddings: list[tuple[str, Tensor]], positive_index: Tensor, num_candidates: int) -> None:
-    """Raise on NaN/inf embeddings or an out-of-range ``positive_index``, with one device sync in total."""
-    bad = [~torch.isfinite(value).all() for _, value in embeddings]
-    bad.append((positive_index < 0).any() | (positive_index >= num_candidates).any())
-    flags = torch.stack(bad).tolist()
-    for (name, _), flag in zip(embeddings, flags):
-        if flag:
-            raise ValueError(f"`{name}` contains NaN or inf; check the tower's inputs and the learning rate.")
-    if flags[-1]:
-        raise ValueError(f"`positive_index` must lie in [0, {num_candidates}), got {positive_index.tolist()}.")
 
 
 __all__ = ["SampledSoftmaxLoss", "accidental_hits", "sampled_softmax_cross_entropy"]

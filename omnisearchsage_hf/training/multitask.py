@@ -10,70 +10,15 @@ with its own ``SampledSoftmaxLoss`` (its own logit scale and frequency estimator
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import CompatibilityTower, OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from .batches import StepBatch
 from .config import LossConfig, TaskConfig
 from .losses import SampledSoftmaxLoss
-
-
-@dataclass
-class TaskBatch:
-    """One task's share of a step, as positions into the step's shared embedding calls.
-
-    Attributes:
-        queries: Rows of the step's query-tower output that are this task's queries ``(n,)``; empty when
-            ``query_vectors`` holds them.
-        candidates: Rows of the candidate tower's output (query-tower output for ``query`` tasks,
-            entity-tower output for ``entity`` tasks) ``(n,)``; unused for ``compat`` tasks.
-        negatives: Rows of random negatives in the same output ``(m,)`` (empty when disabled).
-        compat_candidates, compat_negatives: ``(n, dim)`` / ``(m, dim)`` pre-existing embeddings for
-            ``compat`` tasks.
-        query_ids, candidate_ids, negative_ids: int64 ids for accidental-hit masking and frequencies.
-        negative_log_q: ``(m,)`` log sampling probability of each random negative.
-        query_vectors: ``(n, dim)`` fixed pre-existing query-side embeddings (a ``query_feature`` task,
-            e.g. pins' PinSage embeddings for pin → product), or None for query-tower queries.
-    """
-
-    queries: torch.Tensor
-    candidates: torch.Tensor
-    query_ids: torch.Tensor
-    candidate_ids: torch.Tensor
-    negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    negative_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    negative_log_q: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    compat_candidates: torch.Tensor | None = None
-    compat_negatives: torch.Tensor | None = None
-    query_vectors: torch.Tensor | None = None
-
-
-@dataclass
-class StepBatch:
-    """Everything one micro-step needs: tokenized query-tower inputs, entity inputs, and per-task rows.
-
-    ``query_inputs`` is None when no task of the step has text on the query side.
-    """
-
-    query_inputs: dict[str, torch.Tensor] | None
-    entity_inputs: dict[str, Any] | None
-    tasks: dict[str, TaskBatch]
-
-    def to(self, device: torch.device) -> StepBatch:
-        def move(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return value.to(device)
-            if isinstance(value, dict):
-                return {k: move(v) for k, v in value.items()}
-            if isinstance(value, TaskBatch):
-                return TaskBatch(**{k: move(getattr(value, k)) for k in value.__dataclass_fields__})
-            return value
-
-        return StepBatch(move(self.query_inputs), move(self.entity_inputs), move(self.tasks))
 
 
 class MultiTaskModel(nn.Module):
@@ -101,7 +46,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.query_tower = query_tower
         self.entity_tower = entity_tower
-        self.task_kinds = {task.name: task.candidate.split(":")[0] for task in tasks}
+        self.task_kinds = {task.name: task.candidate.kind for task in tasks}
         self.losses = nn.ModuleDict(
             {
                 task.name: SampledSoftmaxLoss(
@@ -121,7 +66,7 @@ class MultiTaskModel(nn.Module):
             }
         )
         self.compat_towers = {
-            task.name: CompatibilityTower(task.candidate.split(":")[2], (compat_dims or {})[task.name])
+            task.name: CompatibilityTower(task.candidate.feature, (compat_dims or {})[task.name])
             for task in tasks
             if self.task_kinds[task.name] == "compat"
         }
@@ -165,4 +110,4 @@ class MultiTaskModel(nn.Module):
         return total, parts
 
 
-__all__ = ["MultiTaskModel", "StepBatch", "TaskBatch"]
+__all__ = ["MultiTaskModel"]

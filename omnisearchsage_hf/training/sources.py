@@ -2,10 +2,10 @@
 
 ``files`` reads the paths in the config as they are. The other sources are materialised under
 ``<output_dir>/data`` once, and their task files are then named relative to that folder:
-``synthetic`` generates a world (``synthetic.generate_world``: ``pins.parquet``,
+``synthetic`` generates a world (``data.synthetic.generate_world``: ``pins.parquet``,
 ``pairs/query_pin_train.parquet``…); ``xquad_r`` and ``amazon_pqa`` derive tables from the real data
-sets under ``data.root`` (``xquad_r.build_xquad_r_tables``: ``sentences.parquet``,
-``pairs/query_sentence_train.parquet``…; ``amazon_pqa.build_epqa_tables``: ``products.parquet``,
+sets under ``data.root`` (``data.xquad_r.build_xquad_r_tables``: ``sentences.parquet``,
+``pairs/query_sentence_train.parquet``…; ``data.amazon_pqa.build_epqa_tables``: ``products.parquet``,
 ``pairs/query_product_train.parquet``…), with ``data.options`` as the builder's keyword options.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..atomic import replace_atomically, write_text_atomically
-from .amazon_pqa import build_epqa_tables
+from ..data.amazon_pqa import build_epqa_tables
+from ..data.synthetic import SyntheticWorldConfig, generate_world
+from ..data.tables import ID_COLUMN, EntityTable, read_table, write_table_atomically
+from ..data.xquad_r import build_xquad_r_tables
 from .config import TrainingConfig
-from .synthetic import SyntheticWorldConfig, generate_world
-from .xquad_r import build_xquad_r_tables
 
 REAL_SOURCES: dict[str, Callable[..., dict[str, pa.Table]]] = {
     "xquad_r": build_xquad_r_tables,
@@ -33,6 +35,7 @@ REAL_SOURCES: dict[str, Callable[..., dict[str, pa.Table]]] = {
 # Written last by `prepare_real_source`: a folder holding it is complete for the inputs it records.
 SOURCE_MARKER = "source.json"
 _BUILDER_ARGUMENTS = ("cache_dir", "show_progress_bar")  # passed by `prepare_real_source`, not options
+SOURCE_EMBEDDINGS = "embeddings"  # under <output_dir>/data: tables with the columns of `data.embedding_sources`
 
 
 def prepare_source(config: TrainingConfig, data_dir: Path) -> None:
@@ -111,4 +114,56 @@ def prepare_real_source(
     return True
 
 
-__all__ = ["REAL_SOURCES", "SOURCE_MARKER", "prepare_real_source", "prepare_source", "source_options"]
+def embed_sources(config: TrainingConfig, base: Path, data_dir: Path) -> dict[str, Path]:
+    """Embed each ``data.embedding_sources`` table with its model, as a copy of the table with that column.
+
+    For ``"<table>.<feature>": folder``, the model in ``folder`` (an ItemSage or entity tower) embeds
+    every row of the table, and ``data/embeddings/<table>.parquet`` is the table with column ``feature``
+    set to those embeddings (replacing one of that name). Recomputed at every start (a resumed run
+    included): the source model is fixed, so the same file comes out, and no stale copy can outlive a
+    retrained source model.
+
+    Returns:
+        Table name → the file the trainer reads instead of ``data.entities[table]``.
+    """
+    from transformers import AutoModel  # only runs that embed a source load a model here
+
+    tables: dict[str, pa.Table] = {}
+    for key, folder in config.data.embedding_sources.items():
+        name, feature = key.split(".")
+        if name not in config.data.entities:
+            raise ValueError(f"`data.embedding_sources` names table {name!r}; declare it under `data.entities`.")
+        model = AutoModel.from_pretrained(os.path.expanduser(folder))
+        if not hasattr(model, "encode") or not hasattr(model.config, "input_features"):
+            raise ValueError(
+                f"`data.embedding_sources[{key!r}]`: {folder} is a {type(model).__name__}; expected a model "
+                "that embeds entity dicts (an ItemSage or entity tower folder)."
+            )
+        table = tables.get(name) or read_table(base / config.data.entities[name])
+        rows = EntityTable(
+            table.select([c for c in table.column_names if c in {ID_COLUMN, *model.config.input_features()}]), name=name
+        )
+        vectors = model.encode(rows.to_records(), batch_size=256, show_progress_bar=True)  # (rows, dim)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        if feature in table.column_names:
+            table = table.drop_columns([feature])
+        tables[name] = table.append_column(feature, column)
+        print(f"Embedded {len(rows)} rows of {name!r} with {folder} into column {feature!r}")
+    return {name: write_table_atomically(table, embedded_table_path(data_dir, name)) for name, table in tables.items()}
+
+
+def embedded_table_path(data_dir: Path, table: str) -> Path:
+    """Where ``embed_sources`` writes entity table ``table`` with its computed columns."""
+    return data_dir / SOURCE_EMBEDDINGS / f"{table}.parquet"
+
+
+__all__ = [
+    "REAL_SOURCES",
+    "SOURCE_EMBEDDINGS",
+    "SOURCE_MARKER",
+    "embed_sources",
+    "embedded_table_path",
+    "prepare_real_source",
+    "prepare_source",
+    "source_options",
+]

@@ -72,25 +72,4 @@ def random_negative_indices(
     return np.random.default_rng([seed, step, rank, task, 1]).integers(0, num_candidates, size=count)
 
 
-def cap_pairs_per_candidate(candidates: np.ndarray, max_per_candidate: int | None, seed: int) -> np.ndarray:
-    """Indices of the pairs kept when each candidate may appear at most ``max_per_candidate`` times.
-
-    Which pairs of a popular candidate survive is decided by a seeded shuffle, not by file order.
-    """
-    candidates = np.asarray(candidates)
-    if max_per_candidate is None:
-        return np.arange(len(candidates))
-    if max_per_candidate < 1:
-        raise ValueError(f"`max_pairs_per_candidate` must be >= 1 or None, got {max_per_candidate!r}.")
-    order = np.random.default_rng(seed).permutation(len(candidates))
-    _, inverse = np.unique(candidates[order], return_inverse=True)
-    # Occurrence number of each pair among the pairs of its candidate, in shuffled order.
-    by_candidate = np.argsort(inverse, kind="stable")
-    counts = np.bincount(inverse)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    occurrence = np.empty(len(order), dtype=np.int64)
-    occurrence[by_candidate] = np.arange(len(order)) - starts
-    return np.sort(order[occurrence < max_per_candidate])
-
-
-__all__ = ["cap_pairs_per_candidate", "pair_indices", "random_negative_indices", "task_batch_sizes"]
+__all__ = ["pair_indices", "random_negative_indices", "task_batch_sizes"]

@@ -16,7 +16,8 @@ import numpy as np
 _CITATION = """\
 @inproceedings{agarwal2024omnisearchsage,
   title={OmniSearchSage: Multi-Task Multi-Entity Embeddings for Pinterest Search},
-  author={Prabhat Agarwal and Minhazul Islam Sk and Nikil Pancha and Kurchi Subhra Hazra and Jiajing Xu and Chuck Rosenberg},
+  author={Prabhat Agarwal and Minhazul Islam Sk and Nikil Pancha and Kurchi Subhra Hazra
+              and Jiajing Xu and Chuck Rosenberg},
   booktitle={Companion Proceedings of the ACM Web Conference 2024},
   year={2024},
   eprint={2404.16260},
@@ -102,7 +103,7 @@ class RecallAtK(evaluate.Metric):
         if query_embeddings is not None:
             ranks = [[r] for r in _positive_ranks(query_embeddings, positive_embeddings, corpus_embeddings)]
         else:
-            ranks = [_id_ranks(p, r) for p, r in zip(predictions, references)]
+            ranks = [_id_ranks(p, r) for p, r in zip(predictions, references, strict=True)]
         metrics = {f"recall@{k}": float(np.mean([np.mean(np.asarray(r) < k) for r in ranks])) for k in ks}
         metrics["mrr"] = float(np.mean([1.0 / (min(r) + 1) for r in ranks]))
         return metrics

@@ -1,10 +1,12 @@
-"""Amazon ePQA as a training source and benchmark: real customer questions → the product they were asked about.
+"""Amazon ePQA read into rows and tables: real customer questions → the product they were asked about.
 
 ePQA (``amazon_pqa/ePQA/dev.csv``) holds 977 questions about 888 products; each row pairs a question
 with one evidence snippet of its product (``source`` ∈ description, bullet, attribute, cqa, review).
 It becomes OmniSearchSage's query→product task: the product catalogue is built from the snippets, and
 the gold candidate of a question is its product (ASIN). Questions are split by a fixed hash of their
-``qid`` (``md5 % 3 == 0`` is test: 304 of 977).
+``qid`` (``md5 % 3 == 0`` is test: 304 of 977). ``load_epqa`` reads the file into rows;
+``build_epqa_tables`` returns the tables of the training source. The benchmark that scores trained
+towers on them is ``omnisearchsage_hf.evaluation.benchmarks.evaluate_epqa``.
 
 Product fields (the entity tower's text fields):
 
@@ -35,13 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 
 from ..enrichment import engaged_queries_from_pairs
-from ..evaluation import ranks_from_scores, recall_metrics
-from ..evaluation.baselines import passage_embeddings
-from ..evaluation.scoring import Scorer
+from .encoders import passage_embeddings
 
 TEXT_FIELDS = ("title", "description", "bullet", "attribute", "engaged_queries")
 CATALOGUE_SOURCES = ("description", "bullet", "attribute")
@@ -179,52 +178,6 @@ def build_epqa_tables(
     return tables
 
 
-def evaluate_epqa(
-    scorer: Scorer,
-    root: str | Path,
-    *,
-    engaged_queries: bool = True,
-    test_question_snippets: bool = True,
-    split: Split = "test",
-    ks: Sequence[int] = (1, 10, 100),
-    name: str = "epqa",
-) -> dict[str, float]:
-    """Recall@K and MRR of question → product retrieval over the whole 888-product catalogue.
-
-    Each question of ``split`` is ranked against every product by ``scorer``; its one relevant product
-    is its ASIN (ties count against it). Products are built as for training, with the same options, so
-    pass those the towers were trained with. With ``split="train"`` a product's engaged queries contain
-    the query itself, which makes the figure an optimistic sanity check only.
-
-    Args:
-        scorer: ``(question texts, product rows) → scores``; product rows hold ``id`` and the text fields
-            (``engaged_queries`` only when enabled; None values left out). ``DenseScorer(query_tower.encode,
-            entity_tower.encode)`` for embeddings, ``BM25Scorer`` for the lexical baseline.
-        root: Folder of the real data sets (holds ``amazon_pqa/``).
-        engaged_queries, test_question_snippets: As in ``load_epqa``.
-        split: The questions used as queries.
-        ks: The K of each Recall@K.
-        name: Prefix of the metric keys.
-
-    Returns:
-        ``{name}_recall@{k}`` for each k and ``{name}_mrr``.
-
-    Example:
-        ::
-
-            evaluate_epqa(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")["epqa_recall@10"]
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
-    data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
-    products = [{key: value for key, value in product.items() if value is not None} for product in data.products]
-    questions = [q for q in data.questions if q["split"] == split]
-    row_of = {product["id"]: i for i, product in enumerate(data.products)}
-    gold = np.array([row_of[q["asin"]] for q in questions])  # (num_questions,)
-    ranks = ranks_from_scores(scorer([q["question"] for q in questions], products), gold)
-    return recall_metrics(ranks, ks, f"{name}_" if name else "")
-
-
 def product_text(product: Mapping[str, Any], fields: Sequence[str] = TEXT_FIELDS) -> str:
     """All of a product's ``fields`` joined into one text: what BM25 and the zero-shot encoders read."""
     parts: list[str] = []
@@ -243,7 +196,6 @@ __all__ = [
     "attribute_text",
     "build_epqa_tables",
     "epqa_split",
-    "evaluate_epqa",
     "load_epqa",
     "product_text",
 ]

@@ -1,4 +1,4 @@
-"""XQuAD-R as a training source and benchmark: questions → answer sentences in 11 parallel languages.
+"""XQuAD-R read into rows and tables: questions → answer sentences in 11 parallel languages.
 
 XQuAD-R (Roy et al. 2020) is XQuAD re-cut for retrieval: 48 Wikipedia articles translated into 11
 languages, each paragraph split into sentences, each question answered by one sentence. It maps onto
@@ -8,9 +8,9 @@ in two languages is a query→query pair. Articles with index ``% 3 == 2`` (16 o
 test sentence, paragraph or question is seen in training; the translations of a train question are
 train data too.
 
-``build_xquad_r_tables`` returns the tables (``sources.prepare_source`` writes them under
-``<output_dir>/data``); ``evaluate_xquad`` scores trained towers the way the data README asks: per
-language over that language's whole sentence pool, and pooled across all languages at once.
+``load_xquad_r`` reads the files into rows; ``build_xquad_r_tables`` returns the tables of the training
+source (``training.sources.prepare_source`` writes them under ``<output_dir>/data``). The benchmark that
+scores trained towers on them is ``omnisearchsage_hf.evaluation.benchmarks.evaluate_xquad``.
 
 References:
     - Roy et al. 2020, LAReQA: Language-agnostic answer retrieval from a multilingual pool:
@@ -29,11 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from ..evaluation import ranks_from_scores, recall_metrics
-from ..evaluation.baselines import passage_embeddings
-from ..evaluation.scoring import Scorer
+from .encoders import passage_embeddings
 
 LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
 TEXT_FIELDS = ("sentence", "context", "title")
@@ -257,158 +254,13 @@ def build_xquad_r_tables(
     return tables
 
 
-def ranks_of_relevant(
-    scores: np.ndarray | torch.Tensor,
-    relevant: np.ndarray,
-    *,
-    ignored: Sequence[Sequence[int]] = (),
-) -> np.ndarray:
-    """0-based rank of each relevant corpus row in its query's ranking by ``scores``.
-
-    Unlike ``ranks_from_scores`` (one positive per query, others ignored) a query's relevant rows compete
-    with each other here, so ``rank < k`` says "in the top k". A tie with an irrelevant row counts
-    against the relevant one; relevant rows that tie with each other take consecutive ranks in the order
-    of ``relevant``, so a model that scores all of them alike still fills the top k with them.
-
-    Args:
-        scores: ``(num_queries, corpus_size)``.
-        relevant: ``(num_queries, num_relevant)`` corpus indices.
-        ignored: Per query, corpus indices ranked below everything (answers to an identical question text).
-
-    Returns:
-        ``(num_queries, num_relevant)`` int64 ranks.
-    """
-    scores = torch.as_tensor(scores, dtype=torch.float32).clone()
-    relevant = torch.as_tensor(relevant, dtype=torch.long)
-    for row, columns in enumerate(ignored):
-        scores[row, list(columns)] = -torch.inf
-    positions = torch.arange(relevant.shape[1])
-    order = positions[None, :] < positions[:, None]  # (num_relevant, num_relevant): [i, j] = j comes before i
-    relevant_scores = scores.gather(1, relevant)  # (num_queries, num_relevant)
-    # Corpus rows scoring >= each relevant score, without sorting the corpus: bucket every score by how
-    # many relevant scores it reaches, then count the buckets from the top.
-    ascending, permutation = relevant_scores.sort(dim=1)  # (num_queries, num_relevant)
-    buckets = torch.searchsorted(ascending, scores, right=True)  # (num_queries, corpus_size) in [0, num_relevant]
-    histogram = torch.zeros(len(buckets), relevant.shape[1] + 1, dtype=torch.long)
-    histogram.scatter_add_(1, buckets, torch.ones_like(buckets))  # (num_queries, num_relevant + 1)
-    reached = histogram.flip(1).cumsum(1).flip(1)[:, 1:]  # (num_queries, num_relevant), in ascending order
-    at_least = torch.empty_like(reached).scatter_(1, permutation, reached)  # (num_queries, num_relevant)
-    # Among relevant rows, equal scores are ordered by position in `relevant`, not counted against.
-    other, this = relevant_scores[:, None, :], relevant_scores[:, :, None]  # (num_queries, 1 | num_relevant, ...)
-    relevant_at_least = (other >= this).sum(-1)  # (num_queries, num_relevant), itself included
-    relevant_before = ((other > this) | ((other == this) & order)).sum(-1)  # (num_queries, num_relevant)
-    ranks = at_least - relevant_at_least + relevant_before
-    return ranks.numpy()
-
-
-def evaluate_xquad(
-    scorer: Scorer,
-    root: str | Path,
-    *,
-    languages: Sequence[str] = LANGUAGES,
-    split: Split = "test",
-    ks: Sequence[int] = (1, 10, 100),
-    pooled_k: int | None = 10,
-    name: str = "xquad_r",
-) -> dict[str, float]:
-    """Recall@K and MRR of question → answer sentence retrieval, per language and pooled across languages.
-
-    Per language: the queries are that language's questions of ``split`` articles; the pool is all of
-    that language's sentences (train and test articles alike, ~1,200; 852 in Thai); a query's one
-    relevant sentence is its gold sentence. Pooled (LAReQA's cross-lingual setting): every language's
-    sentences in one index; a question's relevant sentences are its gold sentence in each of the
-    languages, and the metric is the fraction of them in its top ``pooled_k``, averaged over the
-    questions of each query language. With 11 relevant sentences and ``pooled_k=10`` a perfect model
-    scores 10/11. Answers of a different question with the identical text (a few per language) are
-    removed from that query's ranking instead of counting as misses. Ties count against the answer.
-
-    Args:
-        scorer: ``(question texts, sentence rows) → scores``; sentence rows hold ``id`` and the
-            ``TEXT_FIELDS`` (``sentence``, ``context``, ``title``). ``DenseScorer(query_tower.encode,
-            entity_tower.encode)`` for embeddings, ``BM25Scorer`` for the lexical baseline.
-        root: Folder of the real data sets (holds ``xquad_r/``).
-        languages: Languages evaluated and pooled.
-        split: Articles whose questions are the queries.
-        ks: The K of each per-language Recall@K.
-        pooled_k: The K of the pooled figure; None skips the pooled evaluation.
-        name: Prefix of the metric keys.
-
-    Returns:
-        ``{name}_{lang}_recall@{k}`` and ``{name}_{lang}_mrr`` per language, their means over languages
-        ``{name}_recall@{k}`` / ``{name}_mrr``, and ``{name}_pooled_{lang}_recall@{pooled_k}`` per query
-        language with their mean ``{name}_pooled_recall@{pooled_k}``.
-
-    Example:
-        ::
-
-            metrics = evaluate_xquad(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")
-            metrics["xquad_r_en_recall@10"], metrics["xquad_r_pooled_recall@10"]
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
-    languages = check_languages(languages)
-    data = load_xquad_r(root, languages=languages)
-    rows = [{k: row[k] for k in ("id", *TEXT_FIELDS)} for row in data.sentences]  # grouped by language
-    position = {row["id"]: i for i, row in enumerate(rows)}  # index in the pooled corpus
-    bounds: dict[str, list[int]] = {}  # language → [start, end) of its sentences in `rows`
-    for i, row in enumerate(data.sentences):
-        bounds.setdefault(row["language"], [i, i])[1] = i + 1
-    golds: dict[str, dict[str, int]] = {}  # question id → language → gold position
-    same_text: dict[tuple[str, str], set[str]] = {}  # (language, text) → question ids
-    for q in data.questions:
-        golds.setdefault(q["id"], {})[q["language"]] = position[q["gold_id"]]
-        same_text.setdefault((q["language"], q["question"]), set()).add(q["id"])
-
-    prefix = f"{name}_" if name else ""
-    metrics: dict[str, float] = {}
-    for language, questions in zip(languages, _by_language(data.questions, languages)):
-        questions = [q for q in questions if q["split"] == split]
-        if not questions:
-            raise ValueError(f"No {split} questions in language {language!r}.")
-        texts = [q["question"] for q in questions]
-        start, end = bounds[language]
-        pool = rows[start:end]
-        gold = np.array([golds[q["id"]][language] - start for q in questions])  # (n,) positions in the pool
-        twins = [same_text[(language, q["question"])] for q in questions]
-        # The golds of identically worded questions are not negatives.
-        excluded = np.array([(i, golds[t][language] - start) for i, ids in enumerate(twins) for t in ids])
-        ranks = ranks_from_scores(scorer(texts, pool), gold, excluded=excluded.reshape(-1, 2))
-        metrics.update(recall_metrics(ranks, ks, f"{prefix}{language}_"))
-        if pooled_k is None:
-            continue
-        relevant = np.array([[golds[q["id"]][other] for other in languages] for q in questions])
-        ignored = [
-            sorted({golds[t][other] for t in ids for other in languages} - set(row))
-            for ids, row in zip(twins, relevant.tolist())
-        ]
-        pooled = ranks_of_relevant(scorer(texts, rows), relevant, ignored=ignored)  # (n, num_languages)
-        metrics[f"{prefix}pooled_{language}_recall@{pooled_k}"] = float((pooled < pooled_k).mean())
-    for key in [f"recall@{k}" for k in ks] + ["mrr"]:
-        metrics[f"{prefix}{key}"] = float(np.mean([metrics[f"{prefix}{lang}_{key}"] for lang in languages]))
-    if pooled_k is not None:
-        metrics[f"{prefix}pooled_recall@{pooled_k}"] = float(
-            np.mean([metrics[f"{prefix}pooled_{lang}_recall@{pooled_k}"] for lang in languages])
-        )
-    return metrics
-
-
-def _by_language(rows: Sequence[Mapping[str, Any]], languages: Sequence[str]) -> list[list[Mapping[str, Any]]]:
-    """Rows grouped by their ``language``, in the order of ``languages``."""
-    groups: dict[str, list[Mapping[str, Any]]] = {language: [] for language in languages}
-    for row in rows:
-        groups[row["language"]].append(row)
-    return [groups[language] for language in languages]
-
-
 __all__ = [
     "LANGUAGES",
     "TEXT_FIELDS",
     "XQuADR",
     "article_split",
     "build_xquad_r_tables",
-    "evaluate_xquad",
     "gold_sentence_index",
     "load_xquad_r",
-    "ranks_of_relevant",
     "translation_pairs",
 ]

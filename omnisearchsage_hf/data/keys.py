@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..tokenization.ngrams import KeyTable, _span_keys
+from ..tokenization.ngrams import KeyTable, span_keys
 
 # Strings hashed per numpy pass: bounds the per-byte temporaries (about 40 bytes per input byte).
 _HASH_SLICE = 65_536
@@ -58,7 +58,7 @@ def string_keys(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         nonempty = np.flatnonzero(ends > starts)
         if len(nonempty):
             chars = data[base : bounds[-1]].astype(np.uint64)  # (bytes in the slice,)
-            keys[start + nonempty] = _span_keys(chars, starts[nonempty], ends[nonempty])
+            keys[start + nonempty] = span_keys(chars, starts[nonempty], ends[nonempty])
     return keys
 
 

@@ -1,0 +1,162 @@
+"""Collation: the pairs, negatives and tower inputs of one micro-step, as a pure function of the step.
+
+Every task reads its pairs for the step (``tasks.pair_indices``: a pure function of seed, step and
+rank), draws its random negatives, and adds its queries and candidates to the step's two shared tower
+inputs: all query texts go through one query-tower call and all entity rows through one entity-tower call;
+``TaskBatch`` records which rows of those outputs are the task's. Because nothing here keeps state, a
+resumed run collates exactly what the killed run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from .config import TaskConfig
+from .pairs import TrainingData
+from .tasks import pair_indices, random_negative_indices
+
+
+@dataclass
+class TaskBatch:
+    """One task's share of a step, as positions into the step's shared embedding calls.
+
+    Attributes:
+        queries: Rows of the step's query-tower output that are this task's queries ``(n,)``; empty when
+            ``query_vectors`` holds them.
+        candidates: Rows of the candidate tower's output (query-tower output for ``query`` tasks,
+            entity-tower output for ``entity`` tasks) ``(n,)``; unused for ``compat`` tasks.
+        negatives: Rows of random negatives in the same output ``(m,)`` (empty when disabled).
+        compat_candidates, compat_negatives: ``(n, dim)`` / ``(m, dim)`` pre-existing embeddings for
+            ``compat`` tasks.
+        query_ids, candidate_ids, negative_ids: int64 ids for accidental-hit masking and frequencies.
+        negative_log_q: ``(m,)`` log sampling probability of each random negative.
+        query_vectors: ``(n, dim)`` fixed pre-existing query-side embeddings (a ``query_feature`` task,
+            e.g. pins' PinSage embeddings for pin → product), or None for query-tower queries.
+    """
+
+    queries: torch.Tensor
+    candidates: torch.Tensor
+    query_ids: torch.Tensor
+    candidate_ids: torch.Tensor
+    negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    negative_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    negative_log_q: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    compat_candidates: torch.Tensor | None = None
+    compat_negatives: torch.Tensor | None = None
+    query_vectors: torch.Tensor | None = None
+
+
+@dataclass
+class StepBatch:
+    """Everything one micro-step needs: tokenized query-tower inputs, entity inputs, and per-task rows.
+
+    ``query_inputs`` is None when no task of the step has text on the query side.
+    """
+
+    query_inputs: dict[str, torch.Tensor] | None
+    entity_inputs: dict[str, Any] | None
+    tasks: dict[str, TaskBatch]
+
+    def to(self, device: torch.device) -> StepBatch:
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            if isinstance(value, TaskBatch):
+                return TaskBatch(**{k: move(getattr(value, k)) for k in value.__dataclass_fields__})
+            return value
+
+        return StepBatch(move(self.query_inputs), move(self.entity_inputs), move(self.tasks))
+
+
+def collate(
+    data: TrainingData,
+    tasks: Sequence[TaskConfig],
+    batch_sizes: dict[str, int],
+    *,
+    micro_step: int,
+    seed: int,
+    query_tower: OmniSearchSageQueryModel,
+    entity_tower: OmniSearchSageEntityModel,
+    rank: int = 0,
+    world_size: int = 1,
+) -> StepBatch:
+    """The pairs, negatives and tower inputs process ``rank`` uses at ``micro_step``.
+
+    Args:
+        data: The loaded tables and pairs.
+        tasks: The tasks, in config order (their index seeds their pair order and negatives).
+        batch_sizes: Pairs per task and micro-step (``tasks.task_batch_sizes``).
+        micro_step: Global micro-step number.
+        seed: The run's seed.
+        query_tower, entity_tower: Tokenize the query texts and prepare the entity rows.
+        rank, world_size: This process and the number of processes.
+    """
+    query_texts: list[str] = []
+    entity_rows: list[dict[str, Any]] = []
+    batches: dict[str, TaskBatch] = {}
+
+    def add(rows: list, items: list) -> torch.Tensor:
+        rows.extend(items)
+        return torch.arange(len(rows) - len(items), len(rows))
+
+    for index, task in enumerate(tasks):
+        pairs = data.pairs[task.name]
+        picked = pair_indices(
+            len(pairs),
+            step=micro_step,
+            count=batch_sizes[task.name],
+            seed=seed + index,
+            rank=rank,
+            world_size=world_size,
+        )
+        candidates = pairs.candidates[picked]
+        kind, table = task.candidate.kind, data.candidate_table(task)
+        pool = data.catalogue_size(task)
+        negatives = random_negative_indices(
+            pool, count=task.num_random_negatives, seed=seed, step=micro_step, rank=rank, task=index
+        )
+        if task.query_feature is None:
+            queries, query_vectors = add(query_texts, pairs.queries(picked)), None
+        else:
+            query_table = data.tables[task.query_feature.table]
+            rows = data.query_rows[task.name][picked]
+            dim = data.feature_dims[f"{task.name}/query"]
+            queries = torch.zeros(0, dtype=torch.long)
+            query_vectors = torch.from_numpy(query_table.dense(task.query_feature.feature, rows, dim))
+        batch = TaskBatch(
+            queries=queries,
+            query_vectors=query_vectors,
+            candidates=torch.zeros(0, dtype=torch.long),
+            query_ids=torch.from_numpy(pairs.query_ids[picked]),
+            candidate_ids=torch.from_numpy(candidates),
+            negative_ids=torch.from_numpy(negatives),
+            # Uniform sampling: each draw picks a given candidate with probability 1 / pool.
+            negative_log_q=torch.full((len(negatives),), math.log(max(len(negatives), 1) / pool)),
+        )
+        if kind == "query":
+            texts = pairs.candidate_texts
+            batch.candidates = add(query_texts, texts.take(candidates).to_pylist())
+            batch.negatives = add(query_texts, texts.take(negatives).to_pylist())
+        elif kind == "entity":
+            batch.candidates = add(entity_rows, table.rows(candidates))
+            batch.negatives = add(entity_rows, table.rows(negatives)) if len(negatives) else batch.negatives
+        else:
+            feature, dim = task.candidate.feature, data.feature_dims[task.name]
+            batch.compat_candidates = torch.from_numpy(table.dense(feature, candidates, dim))
+            if len(negatives):
+                batch.compat_negatives = torch.from_numpy(table.dense(feature, negatives, dim))
+        batches[task.name] = batch
+    entity_inputs = entity_tower.prepare_inputs(entity_rows) if entity_rows else None
+    query_inputs = query_tower.tokenize(query_texts) if query_texts else None
+    return StepBatch(query_inputs, entity_inputs, batches)
+
+
+__all__ = ["StepBatch", "TaskBatch", "collate"]
