@@ -260,12 +260,14 @@ class TestTraining:
 
         output_dir, _ = itemsage_run
         path = output_dir / "data" / "pairs" / "pin_product_train.parquet"
-        queries, candidates = (column.to_pylist() for column in read_pairs(path, task="t", engagements=["checkout"]))
+        batches = list(read_pairs(path, task="t", engagements=["checkout"]))
+        queries = [query for batch, _ in batches for query in batch.to_pylist()]
+        candidates = [candidate for _, batch in batches for candidate in batch.to_pylist()]
         table = pq.read_table(path).to_pandas()
         assert len(queries) == (table["engagement"] == "checkout").sum() > 0
         assert all(q.startswith("pin_") for q in queries) and all(c.startswith("prod_") for c in candidates)
         with pytest.raises(ValueError, match=r"no pair .* has an engagement in \['chekout'\]; the file has"):
-            read_pairs(path, task="t", engagements=["chekout"])
+            list(read_pairs(path, task="t", engagements=["chekout"]))
 
     def test_itemsage_feeds_the_product_tower(self, itemsage_run, tmp_path):
         """An ItemSage folder as the source of the products' pre-existing embedding and its compat task."""

@@ -5,8 +5,8 @@ world and the real data sets) goes through this module, so a table means the sam
 
 - ``read_table`` reads parquet (memory-mapped), Arrow IPC (``.arrow``, zero-copy memory-mapped), JSON
   lines or CSV into a ``pa.Table``, and ``iter_batches`` streams parquet or tables in record batches.
-- ``RecordTable`` reads rows of any table as dicts (vectors as float32 arrays), leaving out metadata
-  columns.
+- ``RecordTable`` (in ``records``) reads rows of any table as dicts (vectors as float32 arrays),
+  leaving out metadata columns.
 - ``EntityTable`` adds an ``id`` column that is present, non-null and unique, maps ids to int64 row
   indices through 64-bit keys in a numpy hash table (every match confirmed by comparing the strings, so
   exact; no Python object per row), and
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..atomic import replace_atomically
 from ..tokenization.ngrams import KeyTable
 from .keys import string_keys
+from .records import RecordTable, is_vector_like, is_vector_list, vectors
 
 TableSource = str | os.PathLike | pa.Table | Iterable[pa.RecordBatch]
 ID_COLUMN = "id"
@@ -105,7 +106,10 @@ def iter_batches(
         dataset = ds.dataset(source, format="parquet")
         check_columns(dataset.schema, columns, str(source))
         total = dataset.count_rows()
-        batches: Iterable[pa.RecordBatch] = dataset.to_batches(columns=list(columns), batch_size=batch_size)
+        # One batch in flight: Arrow's default read-ahead (16 batches) would hold GBs of large batches.
+        batches: Iterable[pa.RecordBatch] = dataset.to_batches(
+            columns=list(columns), batch_size=batch_size, batch_readahead=1, fragment_readahead=1
+        )
     elif isinstance(source, pa.Table):
         check_columns(source.schema, columns, "the table")
         total = source.num_rows
@@ -124,106 +128,6 @@ def write_table_atomically(table: pa.Table, path: str | os.PathLike, **parquet_o
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return replace_atomically(path, lambda tmp: pq.write_table(table, tmp, **parquet_options))
-
-
-def records(table: pa.Table) -> list[dict[str, Any]]:
-    """Rows of ``table`` as dicts; vectors as float32 arrays (``(dim,)``, or ``(k, dim)`` for lists of them)."""
-    columns = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type) or _is_vector_list(column.type):
-            columns[name] = _vectors(column)
-        else:
-            columns[name] = column.to_pylist()
-    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-
-
-def _is_vector_list(kind: pa.DataType) -> bool:
-    """A list of numbers (a variable-width vector) or a list of fixed-size vectors (several images)."""
-    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
-        pa.types.is_floating(kind.value_type) or pa.types.is_fixed_size_list(kind.value_type)
-    )
-
-
-def _vectors(column: pa.Array) -> list[np.ndarray | None]:
-    """Per-row float32 arrays of a vector column; None where the row is null."""
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    if pa.types.is_fixed_size_list(column.type):
-        # A fixed-size list's child holds `list_size` slots for every row, null rows included.
-        width = column.type.list_size
-        flat = column.values.slice(column.offset * width, len(column) * width).to_numpy(zero_copy_only=False)
-        matrix = flat.astype(np.float32, copy=False).reshape(len(column), width)  # (n, dim)
-        return [row if ok else None for row, ok in zip(matrix, valid, strict=True)]
-    inner = column.type.value_type
-    lengths = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-    flat = column.flatten()  # the present rows' items, in order
-    if pa.types.is_fixed_size_list(inner):  # (total items, dim): several images per row
-        flat = flat.values.slice(flat.offset * inner.list_size, len(flat) * inner.list_size)
-        items = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, inner.list_size)
-    else:  # (total values,): one variable-width vector per row
-        items = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    parts = np.split(items, np.cumsum(lengths)[:-1])
-    return [part if ok else None for part, ok in zip(parts, valid, strict=True)]
-
-
-class RecordTable:
-    """A table kept columnar in Arrow and read as dicts, leaving out its metadata columns.
-
-    Rows read by index or slice (``table[0]``, ``table[:50]``) or ``to_records()`` carry every column
-    but the metadata ones, so entity rows go straight into ``OmniSearchSageEntityModel.encode``. A missing
-    feature is None; a vector is a float32 array of shape ``(dim,)``, several images one ``(k, dim)`` array.
-
-    Args:
-        table: The columns.
-        metadata_columns: Columns read only through ``column`` (e.g. how a synthetic entity was generated).
-    """
-
-    def __init__(self, table: pa.Table, metadata_columns: Sequence[str] = ()):
-        self.table = table
-        self.metadata_columns = tuple(c for c in metadata_columns if c in table.column_names)
-
-    @property
-    def record_columns(self) -> list[str]:
-        """Columns that rows carry: all but the metadata columns."""
-        return [c for c in self.table.column_names if c not in self.metadata_columns]
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(index, slice):
-            return self.rows(np.arange(*index.indices(len(self))))
-        if not isinstance(index, (int, np.integer)) or not -len(self) <= index < len(self):
-            raise IndexError(f"Row {index!r} is out of range for a table of {len(self)} rows.")
-        return self.rows([int(index) % len(self)])[0]
-
-    def rows(self, indices: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
-        """The given rows as dicts (record columns only)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        table = self.table.select(self.record_columns)
-        if len(indices) and indices[-1] - indices[0] == len(indices) - 1 and np.all(np.diff(indices) == 1):
-            return records(table.slice(int(indices[0]), len(indices)))
-        return records(table.take(pa.array(indices, pa.int64())))
-
-    def to_records(self) -> list[dict[str, Any]]:
-        """Every row as a dict (fine for thousands of rows; use ``table`` for millions)."""
-        return self[:]
-
-    def column(self, name: str, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """One column (metadata included), all rows or the given ones, as numpy.
-
-        A fixed-width vector column gives ``(n, dim)`` float32; other columns ``(n,)`` (strings and lists
-        as objects).
-        """
-        if name not in self.table.column_names:
-            raise KeyError(f"No column {name!r}; columns: {self.table.column_names}.")
-        column = self.table.column(name)
-        if rows is not None:
-            column = column.take(pa.array(np.asarray(rows, dtype=np.int64), pa.int64()))
-        column = column.combine_chunks()
-        if pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
-            return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-        return column.to_numpy(zero_copy_only=False)
 
 
 class EntityTable(RecordTable):
@@ -289,7 +193,7 @@ class EntityTable(RecordTable):
         if not path.exists():
             raise FileNotFoundError(f"Entity table {name!r}: {str(path)!r} does not exist.")
         if columns is not None:
-            available = _schema(path).names
+            available = table_schema(path).names
             columns = [ID_COLUMN, *(c for c in dict.fromkeys(columns) if c in available and c != ID_COLUMN)]
         if cache_dir is not None and path.suffix.lower() != ".arrow":
             path = _arrow_copy(path, columns, Path(cache_dir))
@@ -334,8 +238,8 @@ class EntityTable(RecordTable):
         """``(len(rows), dim)`` float32 pre-existing embeddings; per-image lists are averaged, missing → 0."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.zeros((len(rows), dim), dtype=np.float32)
-        column = self.table.column(name).take(pa.array(rows, pa.int64())).combine_chunks()
-        for i, value in enumerate(_vectors(column) if _is_vector_like(column.type) else column.to_pylist()):
+        column = self.take(rows, [name]).column(name).combine_chunks()
+        for i, value in enumerate(vectors(column) if is_vector_like(column.type) else column.to_pylist()):
             if value is not None and len(value):
                 array = np.asarray(value, dtype=np.float32)
                 if array.shape[-1] != dim:
@@ -356,7 +260,7 @@ class EntityTable(RecordTable):
         kind = self.table.schema.field(name).type
         if pa.types.is_fixed_size_list(kind):
             return kind.list_size
-        if _is_vector_list(kind) and pa.types.is_fixed_size_list(kind.value_type):
+        if is_vector_list(kind) and pa.types.is_fixed_size_list(kind.value_type):
             return kind.value_type.list_size
         for start in range(0, len(self), 4096):
             rows = np.arange(start, min(start + 4096, len(self)))
@@ -392,11 +296,9 @@ class _IdView(Mapping[str, Any]):
         return len(self.table)
 
 
-def _is_vector_like(kind: pa.DataType) -> bool:
-    return pa.types.is_fixed_size_list(kind) or _is_vector_list(kind)
-
-
-def _schema(path: Path) -> pa.Schema:
+def table_schema(path: str | os.PathLike) -> pa.Schema:
+    """The schema of a table file (parquet and Arrow files are not read, only their metadata)."""
+    path = Path(path)
     suffix = ".parquet" if path.is_dir() else path.suffix.lower()
     if suffix == ".parquet":
         return ds.dataset(path, format="parquet").schema
@@ -418,7 +320,9 @@ def _arrow_copy(path: Path, columns: Sequence[str] | None, cache_dir: Path) -> P
         suffix = ".parquet" if path.is_dir() else path.suffix.lower()
         if suffix == ".parquet":
             dataset = ds.dataset(path, format="parquet")
-            batches = dataset.to_batches(columns=list(columns) if columns else None, batch_size=65_536)
+            batches = dataset.to_batches(
+                columns=list(columns) if columns else None, batch_size=65_536, batch_readahead=1, fragment_readahead=1
+            )
             schema = dataset.schema if not columns else pa.schema([dataset.schema.field(c) for c in columns])
         else:
             table = read_table(path, columns)
@@ -435,11 +339,10 @@ __all__ = [
     "FORMATS",
     "ID_COLUMN",
     "EntityTable",
-    "RecordTable",
     "TableSource",
     "check_columns",
     "iter_batches",
     "read_table",
-    "records",
+    "table_schema",
     "write_table_atomically",
 ]

@@ -1,9 +1,10 @@
 """Training pairs as int64 arrays: every task's queries, candidates and the tables they index.
 
 A pair file has ``query`` and ``candidate_id`` columns (and ``engagement`` for tasks that keep one
-engagement type). Reading one never makes a Python object per pair: the columns are Arrow strings,
-distinct queries are found by Arrow's hash (``pc.unique``), and both sides become int64 indices
-(``pc.index_in``): a pair costs 16 bytes in the loop, so 100M pairs fit in a few GB. ``load_training_data``
+engagement type). Reading one never makes a Python object per pair: it is streamed in batches of Arrow
+strings, distinct queries are found by Arrow's hash (``pc.unique``), and both sides become int64
+indices (``pc.index_in``, ``EntityTable.rows_of``): a pair costs 16 bytes in the loop, so 100M pairs fit
+in a few GB. ``load_training_data``
 reads every task of a config: its entity tables (memory-mapped through an Arrow IPC copy), its pairs
 after the popularity cap, and the held-out pairs of the periodic evaluation.
 """
@@ -11,7 +12,7 @@ after the popularity cap, and the held-out pairs of the periodic evaluation.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..data.tables import EntityTable, check_columns, read_table
+from ..data.tables import EntityTable, check_columns, iter_batches, read_table, table_schema
 from .config import DEFAULT_POPULARITY_CAPS, TaskConfig, TrainingConfig
 
 
@@ -47,37 +48,54 @@ class TaskPairs:
         return self.query_texts.take(pa.array(self.query_ids[np.asarray(pairs, dtype=np.int64)])).to_pylist()
 
 
-def read_pairs(
-    path: str | os.PathLike, *, task: str, engagements: Sequence[str] | None = None
-) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """``(queries, candidate_ids)`` string columns of a pair file, keeping only ``engagements`` if given.
+PAIR_BATCH_SIZE = 1 << 22  # pairs read and mapped at a time: bounds the strings held alongside the int64 arrays
 
-    Raises when a column is missing, or when the engagement filter keeps nothing (naming the engagement
-    types the file has), so a typo in a config never trains on zero pairs.
+
+def read_pairs(
+    path: str | os.PathLike, *, task: str, engagements: Sequence[str] | None = None, batch_size: int = PAIR_BATCH_SIZE
+) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """Yield ``(queries, candidate_ids)`` string arrays of a pair file, in file order, ``batch_size`` rows at a time.
+
+    Only ``engagements`` are kept if given. Raises when a column is missing or null, or when the
+    engagement filter keeps nothing (naming the engagement types the file has), so a typo in a config
+    never trains on zero pairs.
     """
     columns = ["query", "candidate_id"] + (["engagement"] if engagements is not None else [])
-    try:
-        table = read_table(path, columns)
-    except ValueError as error:
-        raise ValueError(f"Pairs of task {task!r}: {error}") from None
-    if engagements is not None:
-        kinds = pc.cast(table.column("engagement"), pa.string())
-        table = table.filter(pc.is_in(kinds, value_set=pa.array(list(engagements), pa.string())))
-        if table.num_rows == 0:
-            raise ValueError(
-                f"Task {task!r}: no pair in {path} has an engagement in {list(engagements)}; "
-                f"the file has {sorted(pc.unique(kinds).to_pylist(), key=str)}."
-            )
-    queries, candidates = (pc.cast(table.column(name), pa.string()) for name in ("query", "candidate_id"))
-    for name, column in (("query", queries), ("candidate_id", candidates)):
-        if column.null_count:
-            raise ValueError(f"Pairs of task {task!r} ({path}): {column.null_count} rows have a null `{name}`.")
-    return queries, candidates
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Pairs of task {task!r}: {str(path)!r} does not exist.")
+    check_columns(table_schema(path), columns, f"Pairs of task {task!r} ({path})")
+    if path.suffix.lower() == ".parquet" or path.is_dir():
+        batches = iter_batches(path, columns, batch_size=batch_size)
+    else:
+        batches = read_table(path, columns).to_batches(max_chunksize=batch_size)
+    wanted = pa.array(list(engagements or []), pa.string())
+    kinds_seen: set[str] = set()
+    kept = 0
+    for batch in batches:
+        if engagements is not None:
+            kinds = pc.cast(batch.column("engagement"), pa.string())
+            kinds_seen.update(k for k in pc.unique(kinds).to_pylist() if k is not None)
+            batch = batch.filter(pc.is_in(kinds, value_set=wanted))
+        queries, candidates = (pc.cast(batch.column(name), pa.string()) for name in ("query", "candidate_id"))
+        for name, column in (("query", queries), ("candidate_id", candidates)):
+            if column.null_count:
+                raise ValueError(f"Pairs of task {task!r} ({path}): {column.null_count} rows have a null `{name}`.")
+        kept += len(queries)
+        if len(queries):
+            yield queries, candidates
+    if engagements is not None and kept == 0:
+        raise ValueError(
+            f"Task {task!r}: no pair in {path} has an engagement in {list(engagements)}; "
+            f"the file has {sorted(kinds_seen)}."
+        )
 
 
 def sorted_distinct(strings: pa.ChunkedArray | pa.Array) -> pa.Array:
     """The distinct strings, in codepoint order."""
     distinct = pc.unique(strings)
+    if isinstance(distinct, pa.ChunkedArray):
+        distinct = distinct.combine_chunks()
     return distinct.take(pc.sort_indices(distinct))
 
 
@@ -101,17 +119,29 @@ def load_pairs(
     With ``candidate_table=None`` (query→query tasks) the candidates are the distinct ``candidate_id``
     texts themselves, numbered in sorted order.
     """
-    queries, candidate_ids = read_pairs(path, task=task, engagements=engagements)
+    # Pass 1: candidate rows, and the distinct queries (and query candidates) of each batch.
+    candidate_parts, distinct_queries, distinct_candidates = [], [], []
+    for queries, candidate_ids in read_pairs(path, task=task, engagements=engagements):
+        distinct_queries.append(pc.unique(queries))
+        if candidate_table is None:
+            distinct_candidates.append(pc.unique(candidate_ids))
+        else:
+            where = f"the pairs of task {task!r} ({path})"
+            candidate_parts.append(candidate_table.rows_of(candidate_ids, where=where))
+    query_texts = sorted_distinct(pa.chunked_array(distinct_queries, pa.string()))
     candidate_texts = None
     if candidate_table is None:
-        candidate_texts = sorted_distinct(candidate_ids)
-        candidates = positions_in(candidate_ids, candidate_texts)
-    else:
-        candidates = candidate_table.rows_of(candidate_ids, where=f"the pairs of task {task!r} ({path})")
-    del candidate_ids
+        candidate_texts = sorted_distinct(pa.chunked_array(distinct_candidates, pa.string()))
+    # Pass 2: every pair's query (and query candidate) as a position in the sorted distinct texts.
+    query_parts = []
+    for queries, candidate_ids in read_pairs(path, task=task, engagements=engagements):
+        query_parts.append(positions_in(queries, query_texts))
+        if candidate_table is None:
+            candidate_parts.append(positions_in(candidate_ids, candidate_texts))
+    candidates = np.concatenate(candidate_parts) if candidate_parts else np.zeros(0, dtype=np.int64)
+    query_ids = np.concatenate(query_parts) if query_parts else np.zeros(0, dtype=np.int64)
+    del candidate_parts, query_parts
     kept = cap_pairs_per_candidate(candidates, max_per_candidate, seed)
-    query_texts = sorted_distinct(queries)
-    query_ids = positions_in(queries, query_texts)
     if len(kept) < len(candidates):
         query_ids, candidates = query_ids[kept], candidates[kept]
         used = np.unique(query_ids)  # drop the queries the cap removed, keeping sorted order
@@ -159,7 +189,9 @@ def held_out_pairs(
     The trainer's periodic Recall@K and the benchmarks draw evaluation pairs with this, so both score the
     same pairs.
     """
-    queries, candidate_ids = read_pairs(path, task=task, engagements=engagements)
+    batches = list(read_pairs(path, task=task, engagements=engagements))
+    queries = pa.chunked_array([q for q, _ in batches], pa.string())
+    candidate_ids = pa.chunked_array([c for _, c in batches], pa.string())
     chosen = pa.array(np.sort(np.random.default_rng(seed).permutation(len(queries))[:max_pairs]))
     return list(zip(queries.take(chosen).to_pylist(), candidate_ids.take(chosen).to_pylist(), strict=True))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -142,13 +143,16 @@ class Trainer:
     def _build_towers(self) -> None:
         model, data, tokenizer_dir = self.config.model, self.data, self.output_dir / TOKENIZERS
         fields = entity_config(model).text_fields
-        query_texts = [t for pairs in data.pairs.values() for t in pairs.queries(np.arange(len(pairs)))]
-        query_texts += [
-            t
-            for pairs in data.pairs.values()
-            if pairs.candidate_texts is not None
-            for t in pairs.candidate_texts.to_pylist()
-        ]
+        # Generators: the texts are only read when a tokenizer has to be built from them.
+        query_texts = itertools.chain(
+            (t for pairs in data.pairs.values() for t in pairs.queries(np.arange(len(pairs)))),
+            (
+                t
+                for pairs in data.pairs.values()
+                if pairs.candidate_texts is not None
+                for t in pairs.candidate_texts.to_pylist()
+            ),
+        )
         self._on_main_then_all(
             lambda: build_tokenizers(
                 model, tokenizer_dir, entity_texts=table_texts(data.tables.values(), fields), query_texts=query_texts

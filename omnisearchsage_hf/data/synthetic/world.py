@@ -17,7 +17,8 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ...atomic import write_text_atomically
-from ..tables import EntityTable, RecordTable, write_table_atomically
+from ..records import RecordTable
+from ..tables import EntityTable, write_table_atomically
 from .catalogue import Catalogue, entity_block
 from .config import (
     BLOCK_SIZE,
