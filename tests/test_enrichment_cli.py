@@ -21,7 +21,10 @@ def test_the_console_entry_point_is_main():
     assert getattr(import_module(module), function) is main
 
 
-def test_enrich_command_writes_every_field_and_updates_incrementally(tmp_path, capsys, build_tiny_blip, write_image):
+def test_enrich_command_writes_every_field_and_updates_incrementally(
+    tmp_path, capsys, monkeypatch, build_tiny_blip, write_image
+):
+    monkeypatch.delenv("OMNISEARCHSAGE_DEBUG", raising=False)
     image = write_image(tmp_path / "pin.png", 0)
     pq.write_table(
         pa.table(
@@ -102,7 +105,14 @@ def test_enrich_command_writes_every_field_and_updates_incrementally(tmp_path, c
     assert feb["engaged_queries"] == [["copper sink", "sink"], [], ["desk lamp"]]
     assert "board_titles" not in feb  # only the steps given run
 
+    # A user error is one line on stderr and exit status 2; --debug raises it with its traceback instead.
+    capsys.readouterr()
+    assert main(argv + ["--as-of", "2024-03-31", "--half-life-days", "30"]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert error[0].startswith("omnisearchsage-enrich: error: ") and "differs from the config the state" in error[0]
+    assert "Traceback" not in "\n".join(error)
     with pytest.raises(ValueError, match="differs from the config the state was built with"):
-        main(argv + ["--as-of", "2024-03-31", "--half-life-days", "30"])
+        main(argv + ["--as-of", "2024-03-31", "--half-life-days", "30", "--debug"])
+    no_as_of = common + ["--out", str(tmp_path / "x.parquet"), "--engagements", str(tmp_path / "logs_feb.parquet")]
     with pytest.raises(ValueError, match="`as_of`"):
-        main(common + ["--out", str(tmp_path / "x.parquet"), "--engagements", str(tmp_path / "logs_feb.parquet")])
+        main(no_as_of + ["--debug"])

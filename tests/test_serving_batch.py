@@ -1,4 +1,5 @@
-"""Batch entity inference: output equals `encode`, resume after an interruption, process split, plan checks."""
+"""Batch entity inference: output equals `encode`, resume after an interruption, process split, plan checks, and
+the `omnisearchsage-embed` command (a wrong model folder, two processes under `accelerate launch`)."""
 
 import json
 import os
@@ -11,15 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModel
 
-from omnisearchsage_hf import OmniSearchSageEntityModel
+from omnisearchsage_hf import OmniSearchSageEntityModel, OmniSearchSageQueryModel
+from omnisearchsage_hf.cli_errors import UsageError
 from omnisearchsage_hf.serving.batch_inference import (
     EntityEmbeddings,
     embed_entity_table,
     model_fingerprint,
     process_chunks,
 )
+from omnisearchsage_hf.serving.cli import embed_main
+from omnisearchsage_hf.serving.cli import main as serving_main
 
 WORDS = ["copper", "sink", "red", "dress", "lamp", "wall", "art", "summer", "kitchen", "shoes"]
 
@@ -143,6 +146,8 @@ def test_processes_split_the_chunks(tower, tmp_path):
     assert embed_entity_table(worker, table, out, entity_type="pin", chunk_size=5, state=FakeState(1, 2),
                               show_progress_bar=False) is None  # fmt: skip
     assert worker.calls == 2  # chunks 1, 3
+    record = json.loads((out / "processes" / "1.json").read_text())
+    assert record == {"process_index": 1, "num_processes": 2, "chunks": [1, 3], "embedded": [1, 3]}
     main = CountingTower(tower)
     out = embed_entity_table(main, table, out, entity_type="pin", chunk_size=5, state=FakeState(0, 2),
                              show_progress_bar=False)  # fmt: skip
@@ -150,22 +155,57 @@ def test_processes_split_the_chunks(tower, tmp_path):
     np.testing.assert_allclose(EntityEmbeddings.load(out).embeddings, expected(tower, table), atol=1e-5)
 
 
-@pytest.mark.slow
-def test_cli_two_processes_and_kill_resume(tower, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` splits the table; the index CLI reads the output."""
-    table = make_table(tmp_path / "pins.parquet", n=40)
+def test_a_query_tower_is_refused(tiny_backbone_dir, tmp_path, capsys, monkeypatch):
+    """The query tower is the usual wrong folder: one line says what it is and where it goes; no work starts."""
+    monkeypatch.delenv("OMNISEARCHSAGE_DEBUG", raising=False)
+    query_tower = OmniSearchSageQueryModel.from_backbone(tiny_backbone_dir, out_dim=8)
+    query_tower.save_pretrained(tmp_path / "query_tower")
+    table, out = make_table(tmp_path / "pins.parquet"), tmp_path / "out"
+    argv = ["--entity-model", str(tmp_path / "query_tower"), "--table", str(table), "--entity-type", "pin",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    capsys.readouterr()  # drop the save's progress bar
+    assert embed_main(argv) == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error.startswith("omnisearchsage-embed: error: --entity-model needs an entity tower or ItemSage folder")
+    assert str(tmp_path / "query_tower") in error and "'omnisearchsage_query' model" in error
+    assert "omnisearchsage-serve --query-model" in error
+    assert not out.exists()
+    with pytest.raises(UsageError, match="needs an entity tower"):
+        embed_main(argv + ["--debug"])
+    argv[1] = str(tmp_path / "entity_towr")  # a typo is not tried as a Hub name
+    assert embed_main(argv) == 2
+    assert "entity_towr' is not a folder" in capsys.readouterr().err.splitlines()[0]
+    with pytest.raises(ValueError, match="must be an entity tower or ItemSage model"):
+        embed_entity_table(query_tower, table, out, entity_type="pin", state=FakeState(), show_progress_bar=False)
+
+
+def test_cli_two_processes_split_the_chunks(tower, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: gloo, each process embeds its own chunks, and the
+    merged output is byte for byte a one-process run's."""
+    table = make_table(tmp_path / "pins.parquet", n=40)  # 6 chunks of 7 rows (the last has 5)
     tower.save_pretrained(tmp_path / "tower")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "-m", "omnisearchsage_hf.serving.cli", "embed", "--entity-model", str(tmp_path / "tower"),
-               "--table", str(table), "--entity-type", "pin", "--out", str(tmp_path / "out"), "--chunk-size", "7",
-               "--quiet"]  # fmt: skip
-    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
-    loaded = EntityEmbeddings.load(tmp_path / "out")
-    np.testing.assert_allclose(loaded.embeddings, expected(AutoModel.from_pretrained(tmp_path / "tower"), table),
-                               atol=1e-5)  # fmt: skip
-    # `omnisearchsage-index`, run through this interpreter: PATH need not hold the environment's scripts.
-    command = [sys.executable, "-m", "omnisearchsage_hf.serving.cli", "index", "--embeddings", str(tmp_path / "out"),
-               "--out", str(tmp_path / "index"), "--recall-queries", "20"]  # fmt: skip
-    subprocess.run(command, check=True, timeout=300, capture_output=True)
+    # One thread each, so both runs compute every chunk the same way; no GPU, so the launch is a CPU one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    embed = ["-m", "omnisearchsage_hf.serving.cli", "embed", "--entity-model", str(tmp_path / "tower"),
+             "--table", str(table), "--entity-type", "pin", "--chunk-size", "7", "--quiet"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    for command in (
+        [*launch, *embed, "--out", str(tmp_path / "two")],
+        [sys.executable, *embed, "--out", str(tmp_path / "one")],
+    ):
+        result = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+    records = [json.loads((tmp_path / "two" / "processes" / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["num_processes"], r["embedded"]) for r in records] == [(2, [0, 2, 4]), (2, [1, 3, 5])]
+    assert sorted(p.name for p in (tmp_path / "two" / "processes").iterdir()) == ["0.json", "1.json"]
+    assert json.loads((tmp_path / "one" / "processes" / "0.json").read_text())["embedded"] == list(range(6))
+    for name in ("embeddings.npy", "ids.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    np.testing.assert_allclose(EntityEmbeddings.load(tmp_path / "two").embeddings, expected(tower, table), atol=1e-5)
+
+    # `python -m omnisearchsage_hf.serving.cli index` (the dispatcher `accelerate launch -m` also goes through).
+    argv = ["index", "--embeddings", str(tmp_path / "two"), "--out", str(tmp_path / "index"), "--recall-queries", "20",
+            "--quiet"]  # fmt: skip
+    assert serving_main(argv) == 0
     assert json.loads((tmp_path / "index" / "index.json").read_text())["sizes"] == {"pin": 40}

@@ -6,13 +6,18 @@ import subprocess
 import sys
 import time
 
+import faiss
 import httpx
 import numpy as np
 import pytest
+import torch
+import uvicorn
 from starlette.testclient import TestClient
 
 from omnisearchsage_hf import OmniSearchSageQueryModel
+from omnisearchsage_hf.cli_errors import UsageError
 from omnisearchsage_hf.serving import CachedQueryEmbedder, EntityIndex, create_app
+from omnisearchsage_hf.serving.cli import serve_main
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +166,65 @@ def test_serve_command(tower, index, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def saved(tower, index, tmp_path, monkeypatch):
+    """The query tower and index saved to folders, and `uvicorn.run` replaced: `serve_main` returns instead of serving.
+
+    `serve_main` sets the process-wide torch and faiss thread counts; they are put back afterwards.
+    """
+    tower.save_pretrained(tmp_path / "query_tower")
+    index.save(tmp_path / "index")
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: runs.append(kwargs))
+    monkeypatch.delenv("OMNISEARCHSAGE_DEBUG", raising=False)
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    yield tmp_path, runs
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def test_serve_prints_its_url_and_what_it_loaded(saved, capsys):
+    folder, runs = saved
+    argv = ["--query-model", str(folder / "query_tower"), "--port", "8123", "--cache-size", "1000", "--ttl-days", "7"]
+    assert serve_main(argv + ["--index", str(folder / "index")]) == 0
+    assert runs == [{"host": "127.0.0.1", "port": 8123, "log_level": "warning", "access_log": False}]
+    assert capsys.readouterr().out.splitlines() == [
+        f"omnisearchsage-serve: http://127.0.0.1:8123 with query tower {folder / 'query_tower'} (out_dim 16)",
+        f"omnisearchsage-serve: index {folder / 'index'} (pin 5, product 2); query cache up to 1000 queries, "
+        "TTL 7 days",
+    ]
+    assert serve_main(argv + ["--cache-size", "0", "--host", "::1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"omnisearchsage-serve: http://[::1]:8123 with query tower {folder / 'query_tower'} (out_dim 16)",
+        "omnisearchsage-serve: no index: /search disabled; query cache disabled",
+    ]
+
+
+def test_serve_refuses_an_index_of_another_dimension(saved, capsys):
+    """Caught at start-up (not as a 500 on every /search): both folders and both dimensions, before uvicorn runs."""
+    folder, runs = saved
+    other = EntityIndex(dim=8)
+    other.add("pin", ["p"], np.eye(8, dtype=np.float32)[:1])
+    other.save(folder / "index8")
+    argv = ["--query-model", str(folder / "query_tower"), "--index", str(folder / "index8")]
+    assert serve_main(argv) == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error.startswith("omnisearchsage-serve: error: --query-model")
+    assert str(folder / "query_tower") in error and str(folder / "index8") in error
+    assert "in 16 dimensions" in error and "holds 8-dimensional entity embeddings" in error
+    assert runs == []
+    with pytest.raises(UsageError, match="holds 8-dimensional"):
+        serve_main(argv + ["--debug"])
+
+
+def test_serve_refuses_an_entity_tower(saved, make_entity_tower, capsys):
+    folder, runs = saved
+    make_entity_tower().save_pretrained(folder / "entity_tower")
+    capsys.readouterr()  # drop the save's progress bar
+    assert serve_main(["--query-model", str(folder / "entity_tower")]) == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert "--query-model needs a query tower folder" in error and str(folder / "entity_tower") in error
+    assert "'omnisearchsage_entity' model" in error and "omnisearchsage-embed --entity-model" in error
+    assert runs == []

@@ -55,6 +55,17 @@ def test_hnsw_recall_against_exact_search(index, data):
     assert (np.diff(found.scores, axis=1) <= 1e-6).all()
 
 
+def test_chunked_add_under_a_progress_bar(data, capsys):
+    """The graph is built a chunk at a time under a labelled bar; ids and recall are as with one `add` call."""
+    pins, _, queries = data
+    index = EntityIndex(dim=32, m=16, ef_construction=64)
+    index.add("pin", [f"pin{i}" for i in range(len(pins))], pins, chunk_size=700, show_progress_bar=True)
+    assert "Building HNSW index (pin)" in capsys.readouterr().err
+    assert index.sizes() == {"pin": 3000}
+    assert index.search(pins[[5, 2999]], k=1)["pin"].ids == [["pin5"], ["pin2999"]]
+    assert index.recall("pin", queries) >= 0.95
+
+
 def test_types_are_separate(index, data):
     _, products, _ = data
     both = index.search(products[0], k=3)
@@ -98,6 +109,7 @@ def test_k_larger_than_type_and_duplicate_ids():
         (lambda i: i.add("pin/x", ["z"], np.ones((1, 4))), ValueError, "names files"),
         (lambda i: i.add("pin", ["z", "y"], np.ones((1, 4))), ValueError, "2 ids for 1 embeddings"),
         (lambda i: i.search(np.full(4, np.nan)), ValueError, "NaN"),
+        (lambda i: i.add("pin", ["z"], np.ones((1, 4)), chunk_size=0), ValueError, "`chunk_size` must be a positive"),
     ],
 )
 def test_errors(call, error, match):

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..cli_errors import run_command
 from ..data.tables import DEFAULT_BATCH_SIZE, EntityTable, TableSource, write_table_atomically
 from .board_titles import board_titles
 from .captions import CaptionConfig, caption_entities
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="enriched entity table to write (parquet)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="log rows read at a time")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     boards = parser.add_argument_group("board titles")
     boards.add_argument("--board-saves", help="save records (parquet file/folder): entity_id, board_title")
     boards.add_argument("--max-board-titles", type=int, default=10)
@@ -163,9 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``omnisearchsage-enrich``; returns the exit status."""
+    """Entry point of ``omnisearchsage-enrich``; returns the exit status (2 for a user error, printed as one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The parsed flag, not the raw argv: argparse also accepts abbreviations such as `--deb`.
+    return run_command(parser.prog, lambda: _enrich(args), ["--debug"] if args.debug else [])
+
+
+def _enrich(args: argparse.Namespace) -> int:
     # Scoring options left out are absent from `args` (SUPPRESS), so an existing state's config is kept.
     given = {key: getattr(args, key) for key in ("weights", "top_k", "half_life_days", "state_size") if key in args}
     engaged_config = EngagedQueriesConfig(**given) if given else None

@@ -10,7 +10,9 @@ already there. Under ``accelerate launch --num_processes N`` process ``r`` embed
 - ``embeddings.npy``: ``(num_rows, out_dim)`` float32, in table order;
 - ``ids.json``: the ``id`` column, as strings, in the same order;
 - ``manifest.json``: entity type, row count, dim, model and table fingerprints; written last, so its
-  presence means the output is complete.
+  presence means the output is complete;
+- ``processes/<rank>.json``: per process of the latest run, the chunks it was given and the ones it
+  embedded (the others were already there), to check how a launch split the work.
 
 ``plan.json`` records what the chunks were computed from (table, rows, chunk size, a hash of the model
 weights); a restart with a different table, chunk size or model raises instead of mixing old and new
@@ -33,11 +35,15 @@ from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, save_npy_atomically, write_text_atomically
 from ..data.tables import EntityTable
-from ..modeling import ItemSageModel, OmniSearchSageEntityModel
+from ..devices import has_accelerator
+from ..modeling import ItemSageConfig, ItemSageModel, OmniSearchSageEntityConfig, OmniSearchSageEntityModel
 
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
+PROCESSES = "processes"
+# Models whose config lists the table columns they read (`config.input_features()`).
+ENTITY_MODEL_TYPES = (OmniSearchSageEntityConfig.model_type, ItemSageConfig.model_type)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,16 @@ def chunk_rows(num_rows: int, chunk_size: int, chunk: int) -> range:
     return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_rows))
 
 
+def process_state() -> PartialState:
+    """The Accelerate process state for batch inference: ``cpu=True`` when torch sees no accelerator.
+
+    Accelerate only sets up a gloo process group for ``accelerate launch --multi_gpu --num_processes N``
+    on a CPU-only machine when told the run is a CPU run; without it every process believes it is alone
+    and embeds every chunk.
+    """
+    return PartialState(cpu=not has_accelerator())
+
+
 def process_chunks(num_chunks: int, process_index: int, num_processes: int) -> range:
     """Chunks that process ``process_index`` of ``num_processes`` embeds: every ``num_processes``-th one.
 
@@ -128,14 +144,15 @@ def embed_entity_table(
         chunk_size: Rows per chunk file (default 50,000): the work lost to a kill is at most one chunk per
             process.
         batch_size: Entities per forward pass (default 256).
-        state: The Accelerate process state; default ``PartialState()`` (one process without a launcher).
+        state: The Accelerate process state; default :func:`process_state` (one process without a launcher).
         show_progress_bar: A progress bar over this process's chunks (main process only).
 
     Returns:
         ``output_dir`` on the main process once merged; None on the other processes.
 
     Raises:
-        ValueError: ``output_dir`` holds chunks of a different table, chunk size or model.
+        ValueError: ``model`` is not an entity tower or ItemSage model, or ``output_dir`` holds chunks of a
+            different table, chunk size or model.
         RuntimeError: Chunks are missing at merge time (another process failed).
 
     Example:
@@ -148,7 +165,13 @@ def embed_entity_table(
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
-    state = state or PartialState()
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ENTITY_MODEL_TYPES:
+        raise ValueError(
+            f"`model` must be an entity tower or ItemSage model (model_type one of {list(ENTITY_MODEL_TYPES)}), "
+            f"got a {model_type!r} model; query towers embed queries, not entity tables."
+        )
+    state = state or process_state()
     output_dir = Path(output_dir)
     features = model.config.input_features()
     entities = EntityTable.read(table, name=str(table), columns=features)
@@ -181,6 +204,14 @@ def embed_entity_table(
         save_npy_atomically(_chunk_path(output_dir, chunk), np.ascontiguousarray(vectors, dtype=np.float32))
         bar.update(1)
     bar.close()
+    record = {
+        "process_index": state.process_index,
+        "num_processes": state.num_processes,
+        "chunks": list(mine),
+        "embedded": todo,
+    }
+    (output_dir / PROCESSES).mkdir(exist_ok=True)
+    _write_json(output_dir / PROCESSES / f"{state.process_index}.json", record)
 
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -231,4 +262,12 @@ def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict) -> Pat
     return output_dir
 
 
-__all__ = ["EntityEmbeddings", "chunk_rows", "embed_entity_table", "model_fingerprint", "process_chunks"]
+__all__ = [
+    "ENTITY_MODEL_TYPES",
+    "EntityEmbeddings",
+    "chunk_rows",
+    "embed_entity_table",
+    "model_fingerprint",
+    "process_chunks",
+    "process_state",
+]

@@ -17,11 +17,44 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..cli_errors import UsageError, run_command
 from .query_cache import THIRTY_DAYS
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from .ann_index import EntityIndex
+
 logger = logging.getLogger(__name__)
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks of errors.")
+
+
+def _run(prog: str, args: argparse.Namespace, body: Callable[[], int]) -> int:
+    """Run ``body`` through :func:`run_command`: a user error is one line on stderr and exit status 2."""
+    # The parsed flag, not the raw argv: argparse also accepts abbreviations such as `--deb`.
+    return run_command(prog, body, ["--debug"] if args.debug else [])
+
+
+def _model_config(folder: str, flag: str, example: str) -> PretrainedConfig:
+    """The config of the model saved in ``folder``: cheap to read, so a wrong folder is refused before any work.
+
+    Only a local folder is accepted: a mistyped path would otherwise be tried as a Hub name, with network
+    retries and a message about repo ids.
+    """
+    from transformers import AutoConfig  # knows our model types: importing this module imported the package
+
+    if not Path(folder).is_dir():
+        raise UsageError(f"{flag} {folder!r} is not a folder; pass the folder a training run saved, e.g. {example}.")
+    if not (Path(folder) / "config.json").is_file():
+        raise UsageError(f"{flag} {folder!r} has no config.json: it is not a saved model folder (e.g. {example}).")
+    return AutoConfig.from_pretrained(folder)
 
 
 def embed_main(argv: Sequence[str] | None = None) -> int:
@@ -36,16 +69,29 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=50_000, help="Rows per resumable chunk (default 50000).")
     parser.add_argument("--batch-size", type=int, default=256, help="Entities per forward pass (default 256).")
     parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+    _add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return _run(parser.prog, args, lambda: _embed(args))
 
-    from accelerate import PartialState
+
+def _embed(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
-    import omnisearchsage_hf  # noqa: F401  (registers the towers with AutoModel)
+    from ..modeling import OmniSearchSageQueryConfig
+    from .batch_inference import ENTITY_MODEL_TYPES, EntityEmbeddings, embed_entity_table, process_state
 
-    from .batch_inference import EntityEmbeddings, embed_entity_table
-
-    state = PartialState()
+    model_type = _model_config(args.entity_model, "--entity-model", "runs/x/entity_tower").model_type
+    if model_type not in ENTITY_MODEL_TYPES:
+        hint = (
+            " — the query tower goes to omnisearchsage-serve --query-model"
+            if model_type == OmniSearchSageQueryConfig.model_type
+            else ""
+        )
+        raise UsageError(
+            "--entity-model needs an entity tower or ItemSage folder (e.g. runs/x/entity_tower); "
+            f"{args.entity_model!r} holds a {model_type!r} model{hint}."
+        )
+    state = process_state()
     try:
         model = AutoModel.from_pretrained(args.entity_model)
         out = embed_entity_table(
@@ -77,8 +123,13 @@ def index_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ef-search", type=int, default=64, help="Search candidate list (default 64).")
     parser.add_argument("--recall-queries", type=int, default=1000, help="Queries for the recall check (0 skips).")
     parser.add_argument("--threads", type=int, default=None, help="Build threads (default: all cores).")
+    parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+    _add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return _run(parser.prog, args, lambda: _index(args))
 
+
+def _index(args: argparse.Namespace) -> int:
     import faiss
 
     from .ann_index import build_entity_index
@@ -87,17 +138,23 @@ def index_main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         faiss.omp_set_num_threads(args.threads)
     tables = {}
+    folders = {}
     for folder in args.embeddings:
         loaded = EntityEmbeddings.load(folder)
         if loaded.entity_type in tables:
-            parser.error(f"Entity type {loaded.entity_type!r} comes from two --embeddings folders; pass one each.")
+            raise UsageError(
+                f"Entity type {loaded.entity_type!r} comes from two --embeddings folders "
+                f"({folders[loaded.entity_type]!r} and {folder!r}); pass one folder per type."
+            )
         tables[loaded.entity_type] = (loaded.ids, loaded.embeddings)
+        folders[loaded.entity_type] = folder
     index = build_entity_index(
         tables,
         m=args.m,
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
         recall_queries=args.recall_queries,
+        show_progress_bar=not args.quiet,
     )
     index.save(args.out)
     print(json.dumps({"out": args.out, "sizes": index.sizes(), "recall_at_10": index.recall_at_10}))
@@ -118,26 +175,48 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-query-chars", type=int, default=1000, help="Longer queries get a 422.")
     parser.add_argument("--torch-threads", type=int, default=1, help="Threads of the query tower (default 1).")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning).")
+    _add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return _run(parser.prog, args, lambda: _serve(args))
 
+
+def _serve(args: argparse.Namespace) -> int:
     import faiss
     import torch
     import uvicorn
     from transformers import AutoModel
 
-    import omnisearchsage_hf  # noqa: F401  (registers the towers with AutoModel)
-
+    from ..modeling import OmniSearchSageQueryConfig
     from .ann_index import EntityIndex
+    from .batch_inference import ENTITY_MODEL_TYPES
     from .query_cache import CachedQueryEmbedder
     from .service import create_app
+
+    # Everything that can be refused is checked before the weights load, so a mistake costs seconds.
+    config = _model_config(args.query_model, "--query-model", "runs/x/query_tower")
+    if config.model_type != OmniSearchSageQueryConfig.model_type:
+        hint = (
+            " — an entity tower or ItemSage model goes to omnisearchsage-embed --entity-model"
+            if config.model_type in ENTITY_MODEL_TYPES
+            else ""
+        )
+        raise UsageError(
+            "--query-model needs a query tower folder (e.g. runs/x/query_tower); "
+            f"{args.query_model!r} holds a {config.model_type!r} model{hint}."
+        )
+    index = EntityIndex.load(args.index) if args.index else None
+    if index is not None and index.dim != config.out_dim:
+        raise UsageError(
+            f"--query-model {args.query_model!r} embeds queries in {config.out_dim} dimensions, but --index "
+            f"{args.index!r} holds {index.dim}-dimensional entity embeddings. Serve the query tower trained "
+            "with the entity tower that embedded the index (the same run), or rebuild the index with it."
+        )
 
     torch.set_num_threads(args.torch_threads)
     # One query per request: faiss parallelises across queries, so more threads would only compete with the
     # event loop and the query tower for the cores.
     faiss.omp_set_num_threads(1)
     model = AutoModel.from_pretrained(args.query_model)
-    if not hasattr(model, "encode") or model.config.model_type != "omnisearchsage_query":
-        parser.error(f"--query-model {args.query_model!r} is a {model.config.model_type!r} model, not a query tower.")
     encode = functools.partial(model.encode, batch_size=args.max_batch_size, show_progress_bar=False)
     encode(["warm up"])  # the first call pays one-off setup; keep it out of the first request
     embedder = CachedQueryEmbedder(
@@ -147,10 +226,28 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
     )
-    index = EntityIndex.load(args.index) if args.index else None
     app = create_app(embedder, index, max_query_chars=args.max_query_chars)
+    print(_startup_summary(args, config.out_dim, index), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
+
+
+def _startup_summary(args: argparse.Namespace, out_dim: int, index: EntityIndex | None) -> str:
+    """Two lines for the terminal: where the service answers, and what it loaded."""
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address goes in brackets in a URL
+    if index is None:
+        loaded = "no index: /search disabled"
+    else:
+        sizes = ", ".join(f"{entity_type} {size}" for entity_type, size in index.sizes().items())
+        loaded = f"index {args.index} ({sizes})"
+    if args.cache_size:
+        cache = f"query cache up to {args.cache_size} queries, TTL {args.ttl_days:g} days"
+    else:
+        cache = "query cache disabled"
+    return (
+        f"omnisearchsage-serve: http://{host}:{args.port} with query tower {args.query_model} (out_dim {out_dim})\n"
+        f"omnisearchsage-serve: {loaded}; {cache}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
