@@ -2,15 +2,17 @@
 
 import json
 import re
+import socket
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCardData
 
-from omnisearchsage_hf import OmniSearchSageQueryModel
+from omnisearchsage_hf import OmniSearchSageEntityModel, OmniSearchSageQueryModel
 from omnisearchsage_hf.evaluation import RecallEvaluator
 from omnisearchsage_hf.publishing import CARD_KINDS, eval_results, model_card, publish, push_to_hub
 from omnisearchsage_hf.training import load_config
@@ -209,6 +211,80 @@ def test_publish_reads_the_config_the_trainer_recorded(run_dir, tmp_path, hub):
     publish(tmp_path, "org/recorded")
     body = hub.card("org/recorded")[1]
     assert "was not recorded" not in body and "| query_pin | `entity:pin` | 8 | 32 |" in body
+
+
+# ---------------------------------------------------------------- publishing without the Hub
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("publish(push=False) must not touch the network")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def offline(run_dir, tmp_path_factory) -> dict[str, Path]:
+    """``publish(run_dir, "org/omni", push=False, ...)`` with every Hub client call and socket connection failing."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("create_repo", "create_commit", "upload_folder", "upload_file", "repo_info", "whoami"):
+            patch.setattr(HfApi, name, _no_network)
+        patch.setattr(socket.socket, "connect", _no_network)
+        return publish(run_dir, "org/omni", push=False, local_dir=tmp_path_factory.mktemp("published"))
+
+
+def test_publish_without_push_writes_exactly_what_a_push_commits(run_dir, offline, tmp_path, hub):
+    names = {"org/omni-query": "omni-query", "org/omni-entity": "omni-entity", "org/omni": "omni"}
+    assert {repo_id: folder.name for repo_id, folder in offline.items()} == names
+    assert {p.name for p in offline["org/omni"].parent.iterdir()} == set(names.values())  # no .partial left
+    commits = publish(run_dir, "org/omni", local_dir=tmp_path)  # the push path, its folders kept in tmp_path
+    assert commits == {repo_id: f"commit:{repo_id}" for repo_id in names}
+    assert set(_files(offline["org/omni-query"])) == QUERY_FILES
+    for repo_id, folder in offline.items():
+        assert _files(folder) == hub.commits[repo_id], repo_id  # same paths, same bytes, README.md included
+        assert _files(tmp_path / names[repo_id]) == hub.commits[repo_id], repo_id
+
+
+def test_published_folders_load_and_embed_like_the_run(towers, offline, sample_entities):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    query_tower, entity_tower = towers
+    queries = ["copper sink", "red dress"]
+    expected = query_tower.encode(queries)
+    folder = str(offline["org/omni-query"])
+    assert type(AutoModel.from_pretrained(folder)) is OmniSearchSageQueryModel  # the registered class
+    np.testing.assert_allclose(AutoModel.from_pretrained(folder).encode(queries), expected, atol=1e-6)
+    np.testing.assert_allclose(SentenceTransformer(folder).encode(queries), expected, atol=1e-6)
+    # With this package imported, transformers resolves the registered class even with trust_remote_code=True.
+    entity = AutoModel.from_pretrained(offline["org/omni-entity"], trust_remote_code=True)
+    np.testing.assert_allclose(entity.encode(sample_entities), entity_tower.encode(sample_entities), atol=1e-6)
+    model = SentenceTransformer(str(offline["org/omni"]), trust_remote_code=True)
+    np.testing.assert_allclose(model.encode_query(queries), expected, atol=1e-6)
+    documents = model.encode_document(sample_entities)
+    np.testing.assert_allclose(documents, entity_tower.encode(sample_entities), atol=1e-6)
+
+
+def test_a_failed_write_keeps_the_previous_folder(run_dir, tmp_path, monkeypatch):
+    folders = publish(run_dir, "org/omni", push=False, local_dir=tmp_path)
+    before = {repo_id: _files(folder) for repo_id, folder in folders.items()}
+
+    def save_half(self, save_directory, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{}")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(OmniSearchSageEntityModel, "save_pretrained", save_half)
+    with pytest.raises(OSError, match="No space left"):
+        publish(run_dir, "org/omni", push=False, local_dir=tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"omni-query", "omni-entity", "omni"}  # no .partial, no .old
+    for repo_id, folder in folders.items():
+        assert _files(folder) == before[repo_id], repo_id
+
+
+def test_publish_without_push_needs_local_dir(run_dir):
+    with pytest.raises(ValueError, match="local_dir"):
+        publish(run_dir, "org/omni", push=False)
 
 
 def test_card_metric_keys_must_be_evaluator_metrics():

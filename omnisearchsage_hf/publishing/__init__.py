@@ -1,4 +1,6 @@
-"""Publishing: Hub pushes with generated model cards, and the sentence-transformers query–document model."""
+"""Publishing: Hub pushes with generated model cards (or the same folders written locally), and the
+sentence-transformers query–document model.
+"""
 
 from .entity_module import OmniSearchSageEntityModule
 from .hub import card_kind, publish, push_folder, push_to_hub
