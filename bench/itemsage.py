@@ -123,6 +123,8 @@ def train(variant: str, runs_dir: Path, log_dir: Path, max_steps: int) -> float 
     for key, value in overrides.items():
         text = value if isinstance(value, str) else json.dumps(value)
         command += [f"--{key}", text.replace("{runs_dir}", str(runs_dir))]
+    if (output_dir / "training_config.yaml").is_file():  # an unfinished earlier attempt: continue it
+        command.append("--resume")
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     print(f"training {variant} ...", flush=True)

@@ -51,11 +51,11 @@ from omnisearchsage_hf.data.xquad_r import LANGUAGES
 from omnisearchsage_hf.evaluation.baselines import zero_shot_scorer
 from omnisearchsage_hf.evaluation.benchmarks import evaluate_epqa, evaluate_xquad
 from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer
-from omnisearchsage_hf.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BACKBONES = ROOT.parent / "shared" / "tools" / "backbones.py"
+DATA = ROOT.parent / "shared" / "data"
 
 # Each variant is the data set's config plus these overrides (dotted keys, as on train.py's command line).
 XQUAD_TASKS = {
@@ -150,7 +150,7 @@ def train(dataset: str, variant: str, runs_dir: Path, log_dir: Path) -> tuple[Pa
         overrides |= {"model.backbone": backbone("minilm"), "data.options.compat_encoder": backbone("minilm")}
     for key, value in overrides.items():
         command.append(f"--{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}")
-    if (output / "checkpoints").is_dir():
+    if (output / "training_config.yaml").is_file():  # an earlier attempt: continue it
         command.append("--resume")
     # Zero-shot passage embeddings are cached per run; a sibling run's cache spares re-encoding them.
     cache = output / "data" / "cache"
@@ -163,7 +163,14 @@ def train(dataset: str, variant: str, runs_dir: Path, log_dir: Path) -> tuple[Pa
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command[1:]) + "\n")
         log.flush()
-        env = {**os.environ, "TQDM_MININTERVAL": "60"}
+        # The configs name Hub ids and $OMNISEARCHSAGE_DATA; here they resolve to the shared copies.
+        models = str(Path(backbone("me5")).parent)
+        env = {
+            **os.environ,
+            "TQDM_MININTERVAL": "60",
+            "OMNISEARCHSAGE_DATA": str(DATA),
+            "OMNISEARCHSAGE_MODELS": models,
+        }
         if subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
             raise SystemExit(f"training {dataset}/{variant} failed; see {log_path}")
     (output / "training_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
@@ -211,7 +218,7 @@ def dense_columns(run: Path, table: str) -> dict[str, dict[str, np.ndarray]]:
 
 
 def evaluate(dataset: str, scorer, **options) -> dict[str, float]:
-    root = ROOT / load_config(config_path(dataset)).data.root
+    root = DATA
     if dataset == "xquad_r":
         return evaluate_xquad(scorer, root, **options)
     return evaluate_epqa(scorer, root, **options)

@@ -360,4 +360,4 @@ def test_config_takes_real_sources_root_and_options():
             "model.backbone": "folder",
         }
     )
-    assert config.data.root == "../shared/data" and config.data.options == {"compat_encoder": "~/me5"}
+    assert config.data.root == "$OMNISEARCHSAGE_DATA" and config.data.options == {"compat_encoder": "~/me5"}

@@ -158,7 +158,7 @@ def test_two_process_tiny_run(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # Held-out Recall@10 over a 500-candidate corpus: 0.02 would be chance.
     assert metrics["query_pin_recall@10"] > 0.1 and metrics["query_product_recall@10"] > 0.1
-    assert (tmp_path / "omnisearchsage").is_dir()  # tensorboard tracker
+    assert (tmp_path / "logs" / "tensorboard").is_dir()  # tensorboard tracker
     _check_export(tmp_path)
 
 

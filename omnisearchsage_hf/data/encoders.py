@@ -17,10 +17,39 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..atomic import save_npy_atomically
 
 Pooling = Literal["mean", "cls"]
+# A folder of local model copies, one subfolder per model named like the Hub id's last part
+# (`intfloat/multilingual-e5-small` -> `$OMNISEARCHSAGE_MODELS/multilingual-e5-small`).
+MODELS_ENV = "OMNISEARCHSAGE_MODELS"
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """Where to load a model named in a config from: a local folder when there is one, else the Hub id.
+
+    ``name_or_path`` itself when it is a folder (``~`` and ``$VARS`` expanded); else, when the environment
+    variable ``OMNISEARCHSAGE_MODELS`` names a folder holding a subfolder called like the id's last part,
+    that subfolder; else the name unchanged, for ``from_pretrained`` to fetch from the Hub. Configs name
+    Hub ids, and a machine without the Hub points ``OMNISEARCHSAGE_MODELS`` at its copies.
+
+    Example:
+        ::
+
+            os.environ["OMNISEARCHSAGE_MODELS"] = "/models"   # holding /models/multilingual-e5-small
+            resolve_model("intfloat/multilingual-e5-small")  # '/models/multilingual-e5-small'
+    """
+    path = os.path.expandvars(os.path.expanduser(str(name_or_path)))
+    if Path(path).is_dir():
+        return path
+    local_root = os.environ.get(MODELS_ENV)
+    if local_root:
+        local = Path(os.path.expanduser(local_root)) / Path(path).name
+        if local.is_dir():
+            return str(local)
+    return path
 
 
 def load_sentence_encoder(folder: str | Path, *, pooling: Pooling = "mean", max_length: int = 128):
@@ -38,7 +67,10 @@ def load_sentence_encoder(folder: str | Path, *, pooling: Pooling = "mean", max_
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-    path = Path(os.path.expandvars(os.path.expanduser(str(folder)))).resolve()
+    path = Path(resolve_model(folder))
+    if not path.is_dir():  # a Hub id without a local copy: its own sentence-transformers pipeline
+        return SentenceTransformer(str(folder), device="cpu")
+    path = path.resolve()
     if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
         raise FileNotFoundError(f"Encoder folder {str(folder)!r} holds no config.json or modules.json.")
     if (path / "modules.json").is_file():
@@ -69,9 +101,12 @@ def passage_embeddings(
     Returns:
         ``(len(texts), dim)`` float32, unit-norm rows.
     """
-    folder = Path(os.path.expandvars(os.path.expanduser(str(encoder)))).resolve()
+    folder = Path(resolve_model(encoder)).resolve()
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"`compat_encoder` {str(encoder)!r} is not a model folder (no config.json).")
+        raise FileNotFoundError(
+            f"`compat_encoder` {str(encoder)!r} is not a model folder (no config.json): pass a local folder, or "
+            f"set {MODELS_ENV} to a folder holding a copy named {Path(str(encoder)).name!r}."
+        )
     digest = hashlib.sha256(json.dumps([str(folder), prefix, max_length]).encode())
     for text in texts:
         digest.update(text.encode() + b"\0")
@@ -79,13 +114,20 @@ def passage_embeddings(
     if cache is not None and cache.is_file():
         return np.load(cache)
     model = load_sentence_encoder(folder, pooling="mean", max_length=max_length)
-    embeddings = model.encode(
-        [prefix + text for text in texts], batch_size=batch_size, show_progress_bar=show_progress_bar
-    ).astype(np.float32)
+    where = f"cached in {cache.parent}" if cache is not None else "not cached"
+    desc = f"Encoding {len(texts)} passages with {folder.name} ({where})"
+    chunk = 16 * batch_size
+    with tqdm(total=len(texts), desc=desc, unit=" passages", disable=not show_progress_bar) as progress:
+        parts = []
+        for start in range(0, len(texts), chunk):
+            batch = [prefix + text for text in texts[start : start + chunk]]
+            parts.append(model.encode(batch, batch_size=batch_size, show_progress_bar=False))
+            progress.update(len(batch))
+    embeddings = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_npy_atomically(cache, embeddings)
     return embeddings
 
 
-__all__ = ["Pooling", "load_sentence_encoder", "passage_embeddings"]
+__all__ = ["MODELS_ENV", "Pooling", "load_sentence_encoder", "passage_embeddings", "resolve_model"]

@@ -6,7 +6,6 @@ build the same towers the trainer does without running it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
+from ..data.encoders import resolve_model
 from ..data.tables import EntityTable
 from ..modeling import (
     ItemSageConfig,
@@ -87,7 +87,7 @@ def build_tokenizers(
     """
     if not (tokenizer_dir / ENTITY_TOKENIZER).is_dir():
         if model.tokenizer is not None:
-            tokenizer = OmniSearchSageTokenizer.from_pretrained(os.path.expanduser(model.tokenizer))
+            tokenizer = OmniSearchSageTokenizer.from_pretrained(resolve_model(model.tokenizer))
         else:
             tokenizer = build_vocab(entity_texts, **{"show_progress_bar": True, **model.vocab})
         tokenizer.save_pretrained(tokenizer_dir / ENTITY_TOKENIZER)
@@ -111,7 +111,7 @@ def build_towers(
     entity_tower = entity_class(entity_config(model, {"vocab_size": entity_tokenizer.vocab_size}))
     entity_tower.tokenizer = entity_tokenizer
     if model.backbone is not None:
-        query_tower = OmniSearchSageQueryModel.from_backbone(os.path.expanduser(model.backbone), **model.query)
+        query_tower = OmniSearchSageQueryModel.from_backbone(resolve_model(model.backbone), **model.query)
     else:
         query_tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir / QUERY_TOKENIZER)
         backbone = AutoConfig.for_model(**{**model.backbone_config, "vocab_size": len(query_tokenizer)})

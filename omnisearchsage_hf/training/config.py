@@ -137,7 +137,8 @@ class DataConfig:
         entities: Entity table name → file (parquet, jsonl or csv) with an ``id`` column.
         tasks: The tasks trained together.
         synthetic: ``SyntheticWorldConfig`` fields for ``source: synthetic``.
-        root: Folder of the real data sets, read in place (never copied into the repository).
+        root: Folder of the real data sets, read in place; ``~`` and ``$VARS`` are expanded. The default,
+            ``$OMNISEARCHSAGE_DATA``, is the environment variable that names it (README, "Data").
         options: Keyword options of the real source's table builder (``build_xquad_r_tables``,
             ``build_epqa_tables``), e.g. ``{compat_encoder: <folder>}`` or ``{engaged_queries: false}``.
         embedding_sources: ``"<table>.<feature>" → model folder``: before training, that model (e.g. a
@@ -150,7 +151,7 @@ class DataConfig:
     entities: dict[str, str] = field(default_factory=dict)
     tasks: list[TaskConfig] = field(default_factory=list)
     synthetic: dict[str, Any] = field(default_factory=dict)
-    root: str = "../shared/data"
+    root: str = "$OMNISEARCHSAGE_DATA"
     options: dict[str, Any] = field(default_factory=dict)
     embedding_sources: dict[str, str] = field(default_factory=dict)
 

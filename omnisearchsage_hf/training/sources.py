@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..atomic import replace_atomically, write_text_atomically
 from ..data.amazon_pqa import build_epqa_tables
+from ..data.encoders import resolve_model
 from ..data.synthetic import SyntheticWorldConfig, generate_world
 from ..data.tables import ID_COLUMN, EntityTable, read_table, write_table_atomically
 from ..data.xquad_r import build_xquad_r_tables
@@ -35,6 +36,7 @@ REAL_SOURCES: dict[str, Callable[..., dict[str, pa.Table]]] = {
 # Written last by `prepare_real_source`: a folder holding it is complete for the inputs it records.
 SOURCE_MARKER = "source.json"
 _BUILDER_ARGUMENTS = ("cache_dir", "show_progress_bar")  # passed by `prepare_real_source`, not options
+DATA_ENV = "OMNISEARCHSAGE_DATA"  # the default `data.root`: where a user keeps the real data sets
 SOURCE_EMBEDDINGS = "embeddings"  # under <output_dir>/data: tables with the columns of `data.embedding_sources`
 
 
@@ -49,9 +51,21 @@ def prepare_source(config: TrainingConfig, data_dir: Path) -> None:
             world.save(data_dir, show_progress_bar=True)
         return
     if source in REAL_SOURCES:
-        prepare_real_source(source, config.data.root, data_dir, config.data.options)
+        prepare_real_source(source, data_root(config.data.root), data_dir, config.data.options)
         return
     raise ValueError(f"Unknown `data.source` {source!r}; expected one of {['files', 'synthetic', *REAL_SOURCES]}.")
+
+
+def data_root(root: str) -> Path:
+    """The folder ``data.root`` names, with ``~`` and ``$VARS`` expanded; raises with the fix if it is absent."""
+    folder = Path(os.path.expandvars(os.path.expanduser(root)))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"`data.root` {root!r} is not a folder (resolved to {str(folder)!r}). Set {DATA_ENV} to the folder "
+            "that holds xquad_r/ and amazon_pqa/ (the README's Data section says where they come from), or "
+            "pass --data.root DIR."
+        )
+    return folder
 
 
 def source_options(source: str) -> list[str]:
@@ -133,7 +147,7 @@ def embed_sources(config: TrainingConfig, base: Path, data_dir: Path) -> dict[st
         name, feature = key.split(".")
         if name not in config.data.entities:
             raise ValueError(f"`data.embedding_sources` names table {name!r}; declare it under `data.entities`.")
-        model = AutoModel.from_pretrained(os.path.expanduser(folder))
+        model = AutoModel.from_pretrained(resolve_model(folder))
         if not hasattr(model, "encode") or not hasattr(model.config, "input_features"):
             raise ValueError(
                 f"`data.embedding_sources[{key!r}]`: {folder} is a {type(model).__name__}; expected a model "

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomically
+from ..devices import has_accelerator
 from ..evaluation import RecallEvaluator
 from .batches import StepBatch, collate
 from .builders import build_tokenizers, build_towers, entity_config, table_texts
@@ -39,11 +40,14 @@ from .run_files import (
     CONFIG_FILE,
     DATA,
     ENTITY_TOWER,
+    LOGS,
     METRICS_FILE,
     QUERY_TOWER,
     TOKENIZERS,
+    check_run_folder,
     checkpoint_dir,
     checkpoint_step,
+    clear_run_folder,
     latest_checkpoint,
 )
 from .sources import embed_sources, embedded_table_path, prepare_source
@@ -56,14 +60,6 @@ def learning_rate(step: int, *, base: float, warmup_steps: int, max_steps: int) 
         return base * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _has_accelerator() -> bool:
-    return (
-        torch.cuda.is_available()
-        or torch.backends.mps.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    )
 
 
 def _unit_rows(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray:
@@ -92,11 +88,13 @@ class Trainer:
         unused = not (self.uses_entity_tower and self.uses_query_tower)
         self.accelerator = Accelerator(
             # Accelerate only picks gloo multi-process training on CPU when told the run is a CPU run.
-            cpu=not _has_accelerator(),
+            cpu=not has_accelerator(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
             mixed_precision=train.mixed_precision,
             log_with="tensorboard",
-            project_dir=str(self.output_dir),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / LOGS)
+            ),
         )
         set_seed(train.seed)
         self.tasks = config.data.tasks
@@ -207,6 +205,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (partial / "step.json").write_text(json.dumps({"step": step}))
+            if final.exists():  # a checkpoint of this step from an earlier attempt: the new one replaces it
+                shutil.rmtree(final)
             os.replace(partial, final)
             kept = sorted(
                 (p for p in final.parent.glob("step_*") if checkpoint_step(p) is not None), key=checkpoint_step
@@ -216,9 +216,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ---- the loop --------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict[str, float]:
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
         """Train for ``train.max_steps`` optimizer steps, export both towers, return the final metrics."""
         accelerator, train = self.accelerator, self.config.train
+        check_run_folder(self.output_dir, resume=resume, overwrite=overwrite)  # every process, before any work
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            removed = clear_run_folder(self.output_dir, overwrite=overwrite)
+            if removed:
+                accelerator.print(f"Removed from {self.output_dir}: {', '.join(removed)}")
+        accelerator.wait_for_everyone()
         accelerator.print(
             f"Training with {accelerator.num_processes} process(es) on {accelerator.device}; "
             f"per-process batch by task: {self.batch_sizes}"
@@ -255,7 +262,7 @@ class Trainer:
             accelerator.load_state(str(checkpoint))
             start = checkpoint_step(checkpoint)
             accelerator.print(f"Resumed from {checkpoint} at step {start}")
-        accelerator.init_trackers("omnisearchsage", config=_flat_scalars(self.config.to_dict()))
+        accelerator.init_trackers("tensorboard", config=_flat_scalars(self.config.to_dict()))  # logs/tensorboard
 
         window: dict[str, float] = {}
         window_steps = 0
@@ -301,7 +308,8 @@ class Trainer:
                 scales = {f"{name}/scale": loss.scale.item() for name, loss in losses.items()}
                 accelerator.log({**logged, **scales, "lr": optimizer.param_groups[0]["lr"]}, step=done)
                 progress.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if "/" not in k})
-                accelerator.print(json.dumps({"step": done, **{k: round(v, 4) for k, v in logged.items()}}))
+                if accelerator.is_main_process:  # through the bar, so the line is not glued onto it
+                    progress.write(json.dumps({"step": done, **{k: round(v, 4) for k, v in logged.items()}}))
             if train.eval_every and done % train.eval_every == 0 and done < train.max_steps:
                 self._evaluate_and_log(done)
             if train.save_every and done % train.save_every == 0 and done < train.max_steps:
@@ -318,7 +326,7 @@ class Trainer:
             self.query_tower.train()
             self.entity_tower.train()
             self.accelerator.log(metrics, step=step)
-            self.accelerator.print(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
+            tqdm.write(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
         self.accelerator.wait_for_everyone()
         return metrics
 
