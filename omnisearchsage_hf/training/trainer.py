@@ -73,9 +73,11 @@ class Trainer:
     Example:
         ::
 
-            from omnisearchsage_hf.training import Trainer, load_config
+            from omnisearchsage_hf.training.command import resolve_config
+            from omnisearchsage_hf.training.config import load_config
+            from omnisearchsage_hf.training.trainer import Trainer
 
-            Trainer(load_config("training/configs/tiny.yaml")).train()
+            Trainer(load_config(resolve_config("tiny"), {"output_dir": "runs/tiny"})).train()
     """
 
     def __init__(self, config: TrainingConfig):
