@@ -18,7 +18,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every ``SyntheticWorldConfig`` field is a flag (``--num-pins``, ``--noise-rate``, ``--languages
     en,de,ja``...). Prints the counts as JSON.
     """
-    parser = argparse.ArgumentParser(description="Write a synthetic OmniSearchSage world (parquet + world.json).")
+    parser = argparse.ArgumentParser(
+        prog="python -m omnisearchsage_hf.data.synthetic",
+        description="Write a synthetic OmniSearchSage world (parquet + world.json).",
+    )
     parser.add_argument("--out", required=True, help="Output folder (created if missing).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     for field in dataclasses.fields(SyntheticWorldConfig):
