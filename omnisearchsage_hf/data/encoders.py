@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -114,16 +115,14 @@ def passage_embeddings(
     if cache is not None and cache.is_file():
         return np.load(cache)
     model = load_sentence_encoder(folder, pooling="mean", max_length=max_length)
-    where = f"cached in {cache.parent}" if cache is not None else "not cached"
-    desc = f"Encoding {len(texts)} passages with {folder.name} ({where})"
-    chunk = 16 * batch_size
-    with tqdm(total=len(texts), desc=desc, unit=" passages", disable=not show_progress_bar) as progress:
-        parts = []
-        for start in range(0, len(texts), chunk):
-            batch = [prefix + text for text in texts[start : start + chunk]]
-            parts.append(model.encode(batch, batch_size=batch_size, show_progress_bar=False))
-            progress.update(len(batch))
-    embeddings = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
+    if show_progress_bar:  # says what the sentence-transformers "Batches" bar below is encoding
+        where = f"cached in {cache.parent}" if cache is not None else "not cached"
+        tqdm.write(f"Encoding {len(texts)} passages with {folder.name} ({where}):", file=sys.stderr)
+    # One call: sentence-transformers sorts the whole input by length, so the padding (and the floats) match
+    # any earlier run on the same texts.
+    embeddings = model.encode(
+        [prefix + text for text in texts], batch_size=batch_size, show_progress_bar=show_progress_bar
+    ).astype(np.float32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_npy_atomically(cache, embeddings)
