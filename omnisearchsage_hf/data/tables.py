@@ -160,8 +160,8 @@ class EntityTable(RecordTable):
                 f"Entity table {name!r}: {ids.null_count} rows have a null `{ID_COLUMN}`; every entity needs one."
             )
         if pc.count_distinct(ids).as_py() != table.num_rows:
-            duplicated = pc.value_counts(ids).filter(pc.greater(pc.struct_field(pc.value_counts(ids), "counts"), 1))
-            example = duplicated[0]["values"].as_py() if len(duplicated) else "?"
+            counts = pc.value_counts(ids)  # struct<values, counts>
+            example = counts.filter(pc.greater(pc.struct_field(counts, "counts"), 1))[0]["values"].as_py()
             raise ValueError(f"Entity table {name!r}: `{ID_COLUMN}` values must be unique; {example!r} repeats.")
         super().__init__(table, metadata_columns)
         self.name = name

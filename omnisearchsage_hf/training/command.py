@@ -14,7 +14,6 @@ the exported towers, loaded back from disk, as a check that the run's output wor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -48,14 +47,12 @@ def resolve_config(name_or_path: str) -> Path:
 def config_reference() -> str:
     """Every config section and key with its default, for ``--help``."""
     lines = ["config sections and keys (override any with --section.key VALUE, read as YAML):"]
-    for section in dataclasses.fields(TrainingConfig):
-        if not dataclasses.is_dataclass(section.default_factory if callable(section.default_factory) else None):
-            lines.append(f"  {section.name}: {TrainingConfig().to_dict()[section.name]!r}")
+    for section, values in TrainingConfig().to_dict().items():
+        if not isinstance(values, dict):  # a top-level key such as output_dir
+            lines.append(f"  --{section}  (default {values!r})")
             continue
-        lines.append(f"  {section.name}:")
-        for field in dataclasses.fields(section.default_factory):
-            default = getattr(section.default_factory(), field.name)
-            lines.append(f"    --{section.name}.{field.name}  (default {default!r})")
+        lines.append(f"  {section}:")
+        lines += [f"    --{section}.{key}  (default {default!r})" for key, default in values.items()]
     lines += [
         "",
         "examples:",

@@ -269,10 +269,10 @@ def load_training_data(
             data.feature_dims[task.name] = data.tables[task.table].feature_dim(task.candidate.feature)
         if task.query_feature is not None:
             query_table = tables[task.query_feature.table]
-            check_columns(query_table.table.schema, [task.query_feature.feature], f"Entity table {query_table.name!r}")
+            # feature_dim first: it names the table and the missing column if the feature is absent.
+            data.feature_dims[f"{task.name}/query"] = query_table.feature_dim(task.query_feature.feature)
             rows = query_table.rows_of(pairs.query_texts, where=f"the `query` column of task {task.name!r}")
             data.query_rows[task.name] = rows[pairs.query_ids]
-            data.feature_dims[f"{task.name}/query"] = query_table.feature_dim(task.query_feature.feature)
         if task.eval_pairs:
             data.eval_pairs[task.name] = held_out_pairs(
                 base / task.eval_pairs,
