@@ -1,5 +1,6 @@
 """Batch entity inference: output equals `encode`, resume after an interruption, process split, plan checks, and
-the `omnisearchsage-embed` command (a wrong model folder, two processes under `accelerate launch`)."""
+the `omnisearchsage-embed` command (a wrong model folder, two processes under `accelerate launch`, no datasets
+cache). Corrupted tables, folders and indexes are in test_integrity_tables.py."""
 
 import json
 import os
@@ -65,7 +66,7 @@ class CountingTower:
 
     def __init__(self, tower, fail_at=None):
         self.tower, self.fail_at, self.calls = tower, fail_at, 0
-        self.config = tower.config
+        self.config, self.tokenizer = tower.config, tower.tokenizer
 
     def encode(self, *args, **kwargs):
         self.calls += 1
@@ -78,6 +79,11 @@ class CountingTower:
 
     def state_dict(self):
         return self.tower.state_dict()
+
+
+def chunk_numbers(out):
+    """Chunk numbers of the chunk files in `out` (files are named `<chunk>-<tag>.npy`)."""
+    return sorted(int(p.name.split("-")[0]) for p in (out / "chunks").iterdir())
 
 
 def expected(tower, table_path):
@@ -102,11 +108,12 @@ def test_resume_after_interruption_recomputes_only_unfinished_chunks(tower, tmp_
     with pytest.raises(KeyboardInterrupt):
         embed_entity_table(interrupted, table, out, entity_type="pin", chunk_size=5, state=FakeState(),
                            show_progress_bar=False)  # fmt: skip
-    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["000000.npy", "000001.npy"]
+    assert chunk_numbers(out) == [0, 1]
     assert not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="has not finished"):
         EntityEmbeddings.load(out)
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").iterdir()}
+    assert all("-" in name for name in finished)
 
     resumed = CountingTower(tower)
     embed_entity_table(resumed, table, out, entity_type="pin", chunk_size=5, state=FakeState(), show_progress_bar=False)
@@ -119,18 +126,53 @@ def test_resume_after_interruption_recomputes_only_unfinished_chunks(tower, tmp_
     assert again.calls == 0  # a finished output is returned as is
 
 
-def test_plan_mismatch_is_refused(tower, tmp_path):
+def test_a_changed_plan_recomputes_and_another_output_is_refused(tower, tmp_path, caplog):
+    """Chunk size or model changed: one warning line naming what changed, every chunk recomputed. Another table
+    path or entity type in the same folder is a wrong --out folder: refused, nothing deleted."""
     table, out = make_table(tmp_path / "pins.parquet"), tmp_path / "out"
     embed_entity_table(tower, table, out, entity_type="pin", chunk_size=5, state=FakeState(), show_progress_bar=False)
-    with pytest.raises(ValueError, match=r"another run \(different \['chunk_size'\]"):
-        embed_entity_table(tower, table, out, entity_type="pin", chunk_size=6, state=FakeState(),
+    with caplog.at_level("WARNING", logger="omnisearchsage_hf.serving.batch_inference"):
+        counting = CountingTower(tower)
+        embed_entity_table(counting, table, out, entity_type="pin", chunk_size=6, state=FakeState(),
                            show_progress_bar=False)  # fmt: skip
+    assert counting.calls == 4 and chunk_numbers(out) == [0, 1, 2, 3]
+    assert [r.getMessage() for r in caplog.records if "recomputing every chunk" in r.getMessage()] == [
+        f"{str(out)!r}: the chunk_size changed since its chunks were computed; recomputing every chunk."
+    ]
+    np.testing.assert_allclose(EntityEmbeddings.load(out).embeddings, expected(tower, table), atol=1e-5)
+
     other = OmniSearchSageEntityModel(tower.config)  # same config, other weights
     other.tokenizer = tower.tokenizer
     assert model_fingerprint(other) != model_fingerprint(tower)
-    with pytest.raises(ValueError, match=r"different \['model'\]"):
-        embed_entity_table(other, table, out, entity_type="pin", chunk_size=5, state=FakeState(),
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="omnisearchsage_hf.serving.batch_inference"):
+        embed_entity_table(other, table, out, entity_type="pin", chunk_size=6, state=FakeState(),
                            show_progress_bar=False)  # fmt: skip
+    assert "the model changed" in caplog.text
+    np.testing.assert_allclose(EntityEmbeddings.load(out).embeddings, expected(other, table), atol=1e-5)
+
+    before = sorted(p.name for p in (out / "chunks").iterdir())
+    moved = make_table(tmp_path / "pins_copy.parquet")  # same bytes, another path
+    with pytest.raises(ValueError, match=r"holds the embeddings of another table .*Use a new --out folder"):
+        embed_entity_table(other, moved, out, entity_type="pin", chunk_size=6, state=FakeState(),
+                           show_progress_bar=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"another entity_type \(entity_type 'pin'; now entity_type 'product'\)"):
+        embed_entity_table(other, table, out, entity_type="product", chunk_size=6, state=FakeState(),
+                           show_progress_bar=False)  # fmt: skip
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == before
+    np.testing.assert_allclose(EntityEmbeddings.load(out).embeddings, expected(other, table), atol=1e-5)
+
+
+def test_model_fingerprint_covers_config_and_tokenizer(make_entity_tower, tmp_path):
+    """Same weights, another tokenizer vocabulary or setting: another fingerprint. Loading from a folder: the same."""
+    tower = make_entity_tower(WORDS, oov_buckets=0, text_fields=["title"], hidden_dims=[32])
+    fingerprint = model_fingerprint(tower)
+    tower.save_pretrained(tmp_path / "tower")
+    assert model_fingerprint(OmniSearchSageEntityModel.from_pretrained(tmp_path / "tower")) == fingerprint
+    tower.tokenizer = make_entity_tower([*WORDS[:-1], "boots"], oov_buckets=0, text_fields=["title"]).tokenizer
+    assert model_fingerprint(tower) != fingerprint
+    tower.tokenizer = make_entity_tower(WORDS, oov_buckets=2, text_fields=["title"]).tokenizer
+    assert model_fingerprint(tower) != fingerprint
 
 
 def test_processes_split_the_chunks(tower, tmp_path):
@@ -185,7 +227,10 @@ def test_cli_two_processes_split_the_chunks(tower, tmp_path):
     table = make_table(tmp_path / "pins.parquet", n=40)  # 6 chunks of 7 rows (the last has 5)
     tower.save_pretrained(tmp_path / "tower")
     # One thread each, so both runs compute every chunk the same way; no GPU, so the launch is a CPU one.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # The datasets cache goes to an empty folder: the table is read through Arrow, so it must stay empty.
+    datasets_cache = tmp_path / "datasets_cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_CACHE": str(datasets_cache),
+           "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
     embed = ["-m", "omnisearchsage_hf.serving.cli", "embed", "--entity-model", str(tmp_path / "tower"),
              "--table", str(table), "--entity-type", "pin", "--chunk-size", "7", "--quiet"]  # fmt: skip
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -196,6 +241,8 @@ def test_cli_two_processes_split_the_chunks(tower, tmp_path):
         result = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
+    assert not datasets_cache.exists() or not any(datasets_cache.rglob("*"))
+    assert not (tmp_path / "hf_home" / "datasets").exists()
     records = [json.loads((tmp_path / "two" / "processes" / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["num_processes"], r["embedded"]) for r in records] == [(2, [0, 2, 4]), (2, [1, 3, 5])]
     assert sorted(p.name for p in (tmp_path / "two" / "processes").iterdir()) == ["0.json", "1.json"]

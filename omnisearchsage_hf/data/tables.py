@@ -13,6 +13,8 @@ world and the real data sets) goes through this module, so a table means the sam
   reads pre-existing embedding columns as dense matrices. ``EntityTable.read(path, cache_dir=...)``
   converts a parquet/JSON/CSV table once to an Arrow IPC file and memory-maps it, so a table larger than
   memory costs only the pages a training step touches.
+- ``table_fingerprint`` hashes the bytes of the files a table is read from, so a consumer that keeps
+  results per table (batch inference) can tell a table rewritten in place from the one it saw.
 """
 
 from __future__ import annotations
@@ -307,6 +309,40 @@ def table_schema(path: str | os.PathLike) -> pa.Schema:
     return read_table(path).schema
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, streamed (0.75-1.5 GB/s from the page cache on one core here)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def table_files(path: str | os.PathLike) -> list[Path]:
+    """The files a table is read from: the file itself, or the parquet files of a folder (as Arrow lists them)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
+    return sorted(Path(file) for file in ds.dataset(path, format="parquet").files) if path.is_dir() else [path]
+
+
+def table_fingerprint(path: str | os.PathLike) -> str:
+    """A SHA-256 over the bytes of every file of a table (a folder's files by relative name, in sorted order).
+
+    It changes whenever the table's content does, whatever its modification time or size says, and also
+    when a column nobody reads changes (a false alarm costs a recomputation, never a wrong result). File
+    metadata (parquet footers, sizes, mtimes) would be cheaper but misses an in-place rewrite that keeps
+    them, e.g. a copy with ``cp -p`` or ``rsync -t`` of a same-size file. Cost, measured on a shared
+    2-core machine: a 1,000,000-row parquet table (title, description, 256-d image embedding; 1.06 GB)
+    hashes in 1.4 s from the page cache (its footer alone: 1 ms), against 5-11 s to read it with
+    :meth:`EntityTable.read` and ~29 min to embed it with a default-size entity tower (580 rows/s).
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in table_files(path):
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(file_sha256(file)))
+    return digest.hexdigest()
+
+
 def _arrow_copy(path: Path, columns: Sequence[str] | None, cache_dir: Path) -> Path:
     """An Arrow IPC copy of ``path`` (only ``columns``) in ``cache_dir``, written once per file version."""
     stat = path.stat()
@@ -341,8 +377,11 @@ __all__ = [
     "EntityTable",
     "TableSource",
     "check_columns",
+    "file_sha256",
     "iter_batches",
     "read_table",
+    "table_files",
+    "table_fingerprint",
     "table_schema",
     "write_table_atomically",
 ]

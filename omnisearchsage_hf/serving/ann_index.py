@@ -8,8 +8,12 @@ most actively maintained and also offers quantised and IVF indexes should flat v
 
 Each entity type (``pin``, ``product``, …) gets its own graph, so "search only products" is a search
 of the product graph: no post-filtering, and ``k`` results per type are always ``k`` of that type.
-A saved index is a folder: ``index.json`` (types, sizes, HNSW settings, measured recall; written last)
-plus, per type, ``<type>.faiss`` (faiss's own binary format) and ``<type>.ids.json``.
+A saved index is a folder: ``index.json`` (types, sizes, HNSW settings, measured recall, and the SHA-256
+of every other file; written last) plus, per type, ``<type>.faiss`` (faiss's own binary format) and
+``<type>.ids.json``. :meth:`EntityIndex.load` reads only files of that folder (no path separators, no
+``..``, no symlink leading out) and checks each against its recorded hash before parsing it, so flipped
+vector bytes or a permuted id list are an error naming the file, never wrong answers. Hashing streams the
+files, so a load costs about twice ``faiss.read_index`` alone (figures in :meth:`EntityIndex.load`).
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, write_text_atomically
-from .batch_inference import read_manifest
+from ..data.tables import file_sha256
+from .batch_inference import check_file_sha256, read_json, read_manifest
 
 MANIFEST = "index.json"
 # Vectors handed to faiss per `add` call: each call is a step of the progress bar (a 1M-entity graph
 # takes minutes to build).
 ADD_CHUNK_SIZE = 50_000
 _TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")  # entity types become file names
+_SHOWN_IDS = 5  # ids an error message lists
+_REBUILD = "Rebuild the index with `omnisearchsage-index` (into a new --out folder)."
 
 
 @dataclass
@@ -173,10 +180,18 @@ class EntityIndex:
             raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
         if not isinstance(entity_type, str) or not _TYPE_PATTERN.match(entity_type):
             raise ValueError(f"`entity_type` must match {_TYPE_PATTERN.pattern} (it names files), got {entity_type!r}.")
-        embeddings = self._check_vectors(embeddings, "embeddings")
+        embeddings = self._check_shape(embeddings, "embeddings")
         ids = [str(i) for i in ids]
         if len(ids) != len(embeddings):
             raise ValueError(f"Got {len(ids)} ids for {len(embeddings)} embeddings of type {entity_type!r}.")
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))  # (num_bad,) rows with NaN or inf
+        if len(bad):
+            shown = [ids[i] for i in bad[:_SHOWN_IDS]]
+            raise ValueError(
+                f"Embeddings of entity type {entity_type!r} contain NaN or inf in {len(bad)} row(s): ids {shown}"
+                f"{' and more' if len(bad) > len(shown) else ''}. Re-embed those entities (omnisearchsage-embed "
+                "names the rows whose features overflow) or drop them."
+            )
         known = self._ids.setdefault(entity_type, [])
         if len(set(ids)) != len(ids) or not set(known).isdisjoint(ids):
             raise ValueError(f"Ids of entity type {entity_type!r} must be unique; some repeat.")
@@ -209,7 +224,7 @@ class EntityIndex:
         types = self._check_types(entity_types)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
-        queries = self._check_vectors(np.atleast_2d(queries), "queries")
+        queries = self._check_queries(queries)
         params = faiss.SearchParametersHNSW(efSearch=max(self._ef_search, k))
         results = {}
         for entity_type in types:
@@ -223,7 +238,7 @@ class EntityIndex:
         """Recall@``k`` of the HNSW search against exact search over this type's stored vectors."""
         (entity_type,) = self._check_types([entity_type])
         index = self._indexes[entity_type]
-        queries = self._check_vectors(np.atleast_2d(queries), "queries")
+        queries = self._check_queries(queries)
         stored = index.reconstruct_n(0, index.ntotal)  # (n, dim)
         k = min(k, index.ntotal)
         _, found = index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=max(self._ef_search, k)))
@@ -231,14 +246,16 @@ class EntityIndex:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the index to ``directory`` (created if missing); ``index.json`` goes last, so its presence
-        means the folder is complete. Returns the folder."""
+        means the folder is complete, and it records every other file's SHA-256. Returns the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)
+        files = {}
         for entity_type, index in self._indexes.items():
-            replace_atomically(directory / f"{entity_type}.faiss", lambda tmp, i=index: faiss.write_index(i, tmp))
-            text = json.dumps(self._ids[entity_type], ensure_ascii=False)
-            write_text_atomically(directory / f"{entity_type}.ids.json", text)
+            graph, ids = _file_names(entity_type)
+            replace_atomically(directory / graph, lambda tmp, i=index: faiss.write_index(i, tmp))
+            write_text_atomically(directory / ids, json.dumps(self._ids[entity_type], ensure_ascii=False))
+            files.update({name: file_sha256(directory / name) for name in (graph, ids)})
         manifest = {
             "format": "omnisearchsage-hnsw-faiss",
             "faiss_version": faiss.__version__,
@@ -248,6 +265,7 @@ class EntityIndex:
             "ef_search": self._ef_search,
             "sizes": self.sizes(),
             "recall_at_10": self.recall_at_10,
+            "files": files,
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         write_text_atomically(directory / MANIFEST, text)
@@ -255,23 +273,61 @@ class EntityIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> EntityIndex:
-        """Read an index saved by :meth:`save`."""
+        """Read an index saved by :meth:`save`, checking every file before it is parsed.
+
+        ``index.json`` must name only files of ``directory`` (``<type>.faiss`` and ``<type>.ids.json`` per
+        type, none a symlink leading out), each file must hash to the SHA-256 recorded at build time, and
+        graph size, id count and manifest size must agree. Measured on a shared 2-core machine, 100,000 x
+        256 vectors, M 32 (a 130 MB graph file): ``faiss.read_index`` 0.19 s, hashing both files 0.2 s,
+        the whole checked load 0.42 s. Both parts grow with the file size (~1.3 GB at 1,000,000 vectors).
+
+        Raises:
+            FileNotFoundError: ``index.json`` is absent (an unfinished build) or a file it names is missing.
+            ValueError: A file is invalid JSON, lies outside the folder, differs from what the build wrote,
+                or the counts disagree; the message names the file and says to rebuild.
+        """
         directory = Path(directory)
+        path = directory / MANIFEST
         manifest = read_manifest(
-            directory / MANIFEST,
-            "not an index folder, or its build did not finish (build it with `omnisearchsage-index`).",
+            path, "not an index folder, or its build did not finish (build it with `omnisearchsage-index`)."
         )
-        index = cls(
-            dim=manifest["dim"], m=manifest["m"], ef_construction=manifest["ef_construction"],
-            ef_search=manifest["ef_search"],
-        )  # fmt: skip
-        for entity_type, size in manifest["sizes"].items():
-            graph = faiss.read_index(str(directory / f"{entity_type}.faiss"))
-            ids = json.loads((directory / f"{entity_type}.ids.json").read_text())
-            if graph.ntotal != size or len(ids) != size or graph.d != index.dim:
+        try:
+            index = cls(
+                dim=manifest["dim"], m=manifest["m"], ef_construction=manifest["ef_construction"],
+                ef_search=manifest["ef_search"],
+            )  # fmt: skip
+            sizes, files = dict(manifest["sizes"]), dict(manifest["files"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{str(path)!r} is not a valid index manifest ({error!r}). {_REBUILD}") from None
+        unsafe = [t for t in sizes if not isinstance(t, str) or not _TYPE_PATTERN.match(t)]
+        if unsafe:
+            raise ValueError(
+                f"{str(path)!r}: field 'sizes' has entity types {unsafe} that are not plain file names "
+                f"(they must match {_TYPE_PATTERN.pattern}). {_REBUILD}"
+            )
+        expected = sorted(name for entity_type in sizes for name in _file_names(entity_type))
+        if sorted(files) != expected:
+            raise ValueError(
+                f"{str(path)!r}: field 'files' must name exactly the files of this folder {expected}, got "
+                f"{sorted(files)}. {_REBUILD}"
+            )
+        for entity_type, size in sizes.items():
+            graph_path, ids_path = (_member(directory, name) for name in _file_names(entity_type))
+            for member in (graph_path, ids_path):
+                check_file_sha256(member, files[member.name], _REBUILD)
+            try:
+                graph = faiss.read_index(str(graph_path))
+            except RuntimeError as error:
+                raise ValueError(f"{str(graph_path)!r} is not a faiss index ({error}). {_REBUILD}") from None
+            ids = read_json(ids_path, _REBUILD)
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError(f"{str(ids_path)!r} must be a JSON list of string ids. {_REBUILD}")
+            found = (graph.ntotal, graph.d, len(ids))  # vectors, their dim, ids
+            if not isinstance(graph, faiss.IndexHNSWFlat) or found != (size, index.dim, size):
                 raise ValueError(
-                    f"Index folder {str(directory)!r} is inconsistent for type {entity_type!r}: manifest says "
-                    f"{size} x {index.dim}, graph has {graph.ntotal} x {graph.d}, ids file {len(ids)}. Rebuild it."
+                    f"Index folder {str(directory)!r} is inconsistent for type {entity_type!r}: index.json says "
+                    f"{size} x {index.dim}, {graph_path.name} holds a {type(graph).__name__} of {graph.ntotal} x "
+                    f"{graph.d}, {ids_path.name} has {len(ids)} ids. {_REBUILD}"
                 )
             graph.hnsw.efSearch = index.ef_search
             index._indexes[entity_type], index._ids[entity_type] = graph, ids
@@ -287,13 +343,33 @@ class EntityIndex:
             raise KeyError(f"Unknown entity type(s) {unknown or types!r}; this index has {self.entity_types}.")
         return types
 
-    def _check_vectors(self, vectors: np.ndarray, name: str) -> np.ndarray:
+    def _check_shape(self, vectors: np.ndarray, name: str) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"`{name}` must have shape (n, {self.dim}), got {vectors.shape}.")
-        if not np.isfinite(vectors).all():
-            raise ValueError(f"`{name}` contains NaN or inf.")
         return vectors
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = self._check_shape(np.atleast_2d(queries), "queries")
+        if not np.isfinite(queries).all():
+            raise ValueError("`queries` contains NaN or inf.")
+        return queries
+
+
+def _file_names(entity_type: str) -> tuple[str, str]:
+    """The graph and id files of one entity type in an index folder."""
+    return f"{entity_type}.faiss", f"{entity_type}.ids.json"
+
+
+def _member(directory: Path, name: str) -> Path:
+    """``directory / name``, refused if a symlink makes it lead out of ``directory``."""
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ValueError(
+            f"{str(path)!r} leads out of the index folder (to {str(path.resolve())!r}); an index reads only its "
+            f"own files. {_REBUILD}"
+        )
+    return path
 
 
 def build_entity_index(

@@ -1,54 +1,80 @@
 """Batch entity inference: an entity table in, embeddings out; chunked, resumable, split across processes.
 
 Paper §3.6 refreshes every entity embedding daily with batch inference. This module embeds a parquet /
-jsonl / csv entity table (an ``id`` column plus the entity tower's feature columns) in fixed chunks of
-rows. Each finished chunk is written to ``chunks/<chunk>.npy`` under a temporary name and renamed, so a
-chunk file exists only when it is complete: a run that is killed and started again skips the chunks
-already there. Under ``accelerate launch --num_processes N`` process ``r`` embeds chunks
-``r, r + N, r + 2N, …``; after all processes finish, the main one merges the chunks into
+Arrow / jsonl / csv entity table (an ``id`` column plus the entity tower's feature columns) in fixed chunks
+of rows. The table is read through ``data.tables`` (Arrow, memory-mapped where the format allows), never
+through ``datasets``, so a run leaves no copy of it in a cache. Each finished chunk is written to
+``chunks/<chunk>-<tag>.npy`` under a temporary name and renamed, so a chunk file exists only when it is
+complete: a run that is killed and started again skips the chunks already there. Under
+``accelerate launch --num_processes N`` process ``r`` embeds chunks ``r, r + N, r + 2N, …``; after all
+processes finish, the main one merges the chunks into
 
 - ``embeddings.npy``: ``(num_rows, out_dim)`` float32, in table order;
 - ``ids.json``: the ``id`` column, as strings, in the same order;
-- ``manifest.json``: entity type, row count, dim, model and table fingerprints; written last, so its
-  presence means the output is complete;
+- ``manifest.json``: entity type, row count, dim, table and model fingerprints and the SHA-256 of the
+  two files above (checked by :meth:`EntityEmbeddings.load`); written last, so its presence means the
+  output is complete;
 - ``processes/<rank>.json``: per process of the latest run, the chunks it was given and the ones it
   embedded (the others were already there), to check how a launch split the work.
 
-``plan.json`` records what the chunks were computed from (table, rows, chunk size, a hash of the model
-weights); a restart with a different table, chunk size or model raises instead of mixing old and new
-chunks.
+What decides reuse: ``plan.json`` records what the chunks are computed from: the table's path and a
+SHA-256 of its bytes (:func:`~omnisearchsage_hf.data.tables.table_fingerprint`), its row count, the chunk
+size, the entity type and a hash of the model's weights, config and tokenizer (:func:`model_fingerprint`).
+A rerun whose table content, model or chunk size differs logs one line saying what changed and recomputes
+every chunk; a different table path or entity type is refused (it is another output, in the wrong folder).
+A chunk's ``tag`` hashes the plan together with the chunk's bytes, so a chunk computed under another plan,
+copied in from another folder, truncated or with flipped bytes is never reused: it is recomputed. A
+resumed run therefore never mixes chunks of two tables or two models.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ..atomic import replace_atomically, save_npy_atomically, write_text_atomically
-from ..data.tables import EntityTable
+from ..atomic import replace_atomically, write_text_atomically
+from ..data.tables import EntityTable, file_sha256, table_files, table_fingerprint, table_schema
 from ..devices import has_accelerator
 from ..modeling import ItemSageConfig, ItemSageModel, OmniSearchSageEntityConfig, OmniSearchSageEntityModel
 
+logger = logging.getLogger(__name__)
+
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+IDS = "ids.json"
 CHUNKS = "chunks"
 PROCESSES = "processes"
 # Models whose config lists the table columns they read (`config.input_features()`).
 ENTITY_MODEL_TYPES = (OmniSearchSageEntityConfig.model_type, ItemSageConfig.model_type)
+# Plan fields that say which output a folder holds: a change means a wrong --out folder, not a stale one.
+_IDENTITY = ("table", "entity_type")
+# Config keys that say where a model was loaded from or how to load it, not what it computes (saving adds
+# `architectures` and `auto_map`, and sets `dtype`, which the tensors' own dtypes already say).
+_CONFIG_ORIGIN = ("_name_or_path", "transformers_version", "architectures", "auto_map", "dtype")
+# Tokenizer settings besides its vocabulary files that change the ids of a text.
+_TOKENIZER_SETTINGS = ("oov_buckets", "max_chars_per_field")
+_SHOWN_IDS = 5  # ids an error message lists before "… and N more"
+_RERUN = "Run `omnisearchsage-embed` again with this --out folder: it recomputes what is damaged."
 
 
 @dataclass(frozen=True)
 class EntityEmbeddings:
-    """A finished batch-inference output folder, loaded.
+    """A finished batch-inference output folder, loaded and checked against its manifest.
 
     Args:
         entity_type: The type given at inference (``pin``, ``product``, …).
@@ -62,35 +88,88 @@ class EntityEmbeddings:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> EntityEmbeddings:
-        """Read an output folder of :func:`embed_entity_table`; raises if its run has not finished."""
+        """Read an output folder of :func:`embed_entity_table`.
+
+        ``embeddings.npy`` and ``ids.json`` are hashed and compared with the SHA-256 the manifest recorded
+        (about 0.7 s per GB, i.e. per million 256-d rows), so a truncated, edited or swapped file is an
+        error naming it, never wrong vectors under the right ids.
+
+        Raises:
+            FileNotFoundError: The run has not finished (no ``manifest.json``), or a file is missing.
+            ValueError: A file is invalid JSON, differs from what the run wrote, or disagrees with the manifest.
+        """
         directory = Path(directory)
         manifest = read_manifest(
             directory / MANIFEST,
             "batch inference has not finished there. Run (or resume) `omnisearchsage-embed` with this --out folder.",
         )
-        ids = json.loads((directory / "ids.json").read_text(encoding="utf-8"))
-        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+        files = manifest.get("files")
+        if not isinstance(files, dict) or set(files) != {EMBEDDINGS, IDS}:
+            raise ValueError(
+                f"{str(directory / MANIFEST)!r}: field 'files' must hold the SHA-256 of {[EMBEDDINGS, IDS]}, "
+                f"got {files!r}. {_RERUN}"
+            )
+        for name, sha256 in files.items():
+            check_file_sha256(directory / name, sha256, _RERUN)
+        ids = read_json(directory / IDS, _RERUN)
+        embeddings = np.load(directory / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
         if embeddings.shape != (manifest["rows"], manifest["dim"]) or len(ids) != manifest["rows"]:
             raise ValueError(
                 f"{str(directory)!r} is inconsistent: manifest says {manifest['rows']} x {manifest['dim']}, "
-                f"embeddings.npy is {embeddings.shape}, ids.json has {len(ids)}. Run inference again."
+                f"embeddings.npy is {embeddings.shape}, ids.json has {len(ids)}. {_RERUN}"
             )
         return cls(manifest["entity_type"], ids, embeddings)
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """Parse a JSON file of a serving folder; invalid JSON is a ``ValueError`` naming the file and ``fix``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}). {fix}") from None
 
 
 def read_manifest(path: Path, missing: str) -> dict:
     """The JSON manifest a serving folder writes last; raises ``FileNotFoundError`` (``missing`` says why) if absent."""
     if not path.is_file():
         raise FileNotFoundError(f"No {path.name} in {str(path.parent)!r}: {missing}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_json(path, "It is written last by the command that made the folder: run that command again.")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(manifest).__name__}. Rebuild the folder.")
+    return manifest
+
+
+def check_file_sha256(path: Path, expected: Any, fix: str) -> None:
+    """Raise unless ``path`` exists and its bytes hash to ``expected``, the SHA-256 recorded when it was written."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing. {fix}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ValueError(
+            f"{str(path)!r} is not the file that was written there (SHA-256 {actual[:16]}…, recorded "
+            f"{str(expected)[:16]}…): it was truncated, edited or replaced. {fix}"
+        )
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A BLAKE2b hash of the model's parameter and buffer bytes (names included), to tell models apart."""
-    digest = hashlib.blake2b(digest_size=16)
+    """A SHA-256 of what decides a model's embeddings: weights, config and tokenizer.
+
+    Hashes every parameter and buffer (names, dtypes and bytes), the config (less where it was loaded from), and
+    for a model with a ``tokenizer`` its saved vocabulary files and the settings that change its ids.
+    """
+    digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
+        digest.update(f"{name}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    config = {key: value for key, value in model.config.to_dict().items() if key not in _CONFIG_ORIGIN}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            for path in tokenizer.save_vocabulary(folder):
+                digest.update(Path(path).read_bytes())
+        settings = {key: tokenizer.init_kwargs.get(key) for key in _TOKENIZER_SETTINGS}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -134,11 +213,15 @@ def embed_entity_table(
 
     A collective under ``accelerate launch``: every process must call it with the same arguments. Each
     process embeds its share of chunks (:func:`process_chunks`) on ``state.device``, then all wait for
-    each other and the main process merges. In a single plain process it does all of it.
+    each other and the main process merges. In a single plain process it does all of it. Chunks are
+    reused only when the table's bytes, the model and the chunk size are those they were computed from
+    (see the module docstring); otherwise everything is recomputed and a warning says why.
 
     Args:
         model: The entity tower or an ItemSage model (with its tokenizer), e.g. ``AutoModel.from_pretrained(folder)``.
-        table: A parquet, jsonl or csv file with an ``id`` column and the tower's feature columns.
+        table: A parquet, Arrow, jsonl or csv file (or a folder of parquet files) with an ``id`` column and
+            the tower's feature columns. Features the table lacks are empty for every row (a warning says
+            which); a table with none of them is refused.
         output_dir: Output folder (created if missing); reuse it to resume.
         entity_type: The table's entity type, recorded for index building (e.g. ``pin``, ``product``).
         chunk_size: Rows per chunk file (default 50,000): the work lost to a kill is at most one chunk per
@@ -151,8 +234,10 @@ def embed_entity_table(
         ``output_dir`` on the main process once merged; None on the other processes.
 
     Raises:
-        ValueError: ``model`` is not an entity tower or ItemSage model, or ``output_dir`` holds chunks of a
-            different table, chunk size or model.
+        ValueError: ``model`` is not an entity tower or ItemSage model; the table has none of the model's
+            features, or rows whose features the model rejects or that embed to NaN/inf (the message names
+            their ids); ``output_dir`` holds the output of another table path or entity type; or the table
+            changed while it was being embedded.
         RuntimeError: Chunks are missing at merge time (another process failed).
 
     Example:
@@ -174,34 +259,36 @@ def embed_entity_table(
     state = state or process_state()
     output_dir = Path(output_dir)
     features = model.config.input_features()
+    version = _file_versions(table)  # before reading and hashing: a rewrite from here on is caught below
     entities = EntityTable.read(table, name=str(table), columns=features)
-    num_chunks = math.ceil(len(entities) / chunk_size)
+    _check_features(entities, features, table_schema(table).names, warn=state.is_main_process)
     plan = {
         "table": str(Path(table).resolve()),
+        "table_sha256": table_fingerprint(table),
         "rows": len(entities),
         "chunk_size": chunk_size,
         "entity_type": entity_type,
         "model": model_fingerprint(model),
     }
-    if state.is_main_process and not (output_dir / PLAN).is_file():
-        (output_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
-        _write_json(output_dir / PLAN, plan)
+    _check_unchanged(table, version)
+    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    num_chunks = math.ceil(len(entities) / chunk_size)
+    if state.is_main_process:
+        _prepare_folder(output_dir, plan)
     state.wait_for_everyone()
     _check_plan(output_dir, plan)  # on every process after the barrier, so all raise together
     if (output_dir / MANIFEST).is_file():
-        return output_dir if state.is_main_process else None  # finished earlier
+        return output_dir if state.is_main_process else None  # finished earlier, and intact (_prepare_folder)
 
     model.to(state.device)
     mine = process_chunks(num_chunks, state.process_index, state.num_processes)
-    todo = [chunk for chunk in mine if not _chunk_path(output_dir, chunk).is_file()]
+    todo = [chunk for chunk in mine if _read_chunk(output_dir, chunk, plan_id) is None]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"Embedding {entity_type} chunks",
                disable=not (show_progress_bar and state.is_main_process))  # fmt: skip
     for chunk in todo:
         rows = chunk_rows(len(entities), chunk_size, chunk)
-        vectors = model.encode(
-            entities.rows(np.arange(rows.start, rows.stop)), batch_size=batch_size, show_progress_bar=False
-        )  # (len(rows), dim)
-        save_npy_atomically(_chunk_path(output_dir, chunk), np.ascontiguousarray(vectors, dtype=np.float32))
+        vectors = _embed_chunk(model, entities, rows, batch_size)  # (len(rows), dim)
+        _write_chunk(output_dir, chunk, plan_id, np.ascontiguousarray(vectors, dtype=np.float32))
         bar.update(1)
     bar.close()
     record = {
@@ -216,58 +303,216 @@ def embed_entity_table(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    return _merge(output_dir, entities.ids.to_pylist(), num_chunks, plan)
+    if Path(table).suffix.lower() == ".arrow":  # memory-mapped, not read up front: overwritten in place, it mixes
+        _check_unchanged(table, version)
+    return _merge(output_dir, entities.ids.to_pylist(), num_chunks, plan, plan_id, model.config.out_dim)
 
 
-def _chunk_path(output_dir: Path, chunk: int) -> Path:
-    return output_dir / CHUNKS / f"{chunk:06d}.npy"
+def _check_features(entities: EntityTable, features: list[str], columns: list[str], *, warn: bool) -> None:
+    """Refuse a table (of ``columns``) where every feature the model reads is absent or null in every row;
+    with ``warn``, log how many are, when only some."""
+    missing = [name for name in features if name not in columns]
+    empty = [
+        n
+        for n in features
+        if n not in missing and len(entities) and entities.table.column(n).null_count == len(entities)
+    ]
+    if len(missing) + len(empty) == len(features):
+        null = f" ({empty} null in every row)" if empty else ""
+        raise ValueError(
+            f"Entity table {entities.name!r} has none of the columns the model reads: the model reads {features}, "
+            f"the table has {columns}{null}. Rename the table's columns to the model's feature names (or fill "
+            "them), or embed it with a model trained on these columns; otherwise every row would embed the same "
+            "empty entity."
+        )
+    if warn and missing:
+        logger.warning(
+            "Entity table %r lacks %d of the %d features the model reads: %s; they are empty for every row "
+            "(the table has %s).",
+            entities.name, len(missing), len(features), missing, columns,
+        )  # fmt: skip
+    if warn and empty:
+        logger.warning(
+            "Entity table %r: %d of the %d features the model reads are null in all %d rows: %s.",
+            entities.name, len(empty), len(features), len(entities), empty,
+        )  # fmt: skip
+
+
+def _embed_chunk(model: torch.nn.Module, entities: EntityTable, rows: range, batch_size: int) -> np.ndarray:
+    """``(len(rows), dim)`` embeddings of table rows ``rows``, all finite; else an error naming the bad rows' ids.
+
+    When the model rejects the chunk (a feature value it cannot use) or returns NaN/inf, the chunk is split
+    in halves until the failing rows are found, so the error lists their ids, not a position in a batch.
+    """
+    batch = entities.rows(np.arange(rows.start, rows.stop))
+    vectors, problem = _try_encode(model, batch, batch_size)
+    if problem is None:
+        return vectors
+    # Rows that fail on their own; none if only the whole chunk fails (then it is named by its row range).
+    bad = _failing_rows(model, batch, batch_size, rows.start) or list(rows)
+    ids = [entities.ids[row].as_py() for row in bad[:_SHOWN_IDS]]
+    more = f" and {len(bad) - len(ids)} more" if len(bad) > len(ids) else ""
+    raise ValueError(
+        f"Entity table {entities.name!r}: {len(bad)} row(s) cannot be embedded: ids {ids}{more}. {problem} "
+        "Fix or drop those rows (dense feature values must be finite and of a plausible size: values like 1e25 "
+        "overflow float32 inside the model) and run again; finished chunks are kept."
+    )
+
+
+def _try_encode(model: torch.nn.Module, batch: list[dict], batch_size: int) -> tuple[np.ndarray | None, str | None]:
+    """(embeddings, None), or (None, why) when the model rejects ``batch`` or returns NaN/inf for it."""
+    try:
+        vectors = model.encode(batch, batch_size=batch_size, show_progress_bar=False)  # (len(batch), dim)
+    except (TypeError, ValueError) as error:
+        return None, f"The model says: {error}"
+    if not np.isfinite(vectors).all():
+        return None, "They embed to NaN or inf."
+    return vectors, None
+
+
+def _failing_rows(model: torch.nn.Module, batch: list[dict], batch_size: int, first_row: int) -> list[int]:
+    """Table rows of ``batch`` (which starts at ``first_row``) that fail on their own, found by halving."""
+    if len(batch) == 1:
+        return [first_row]
+    half = len(batch) // 2
+    return [
+        row
+        for part, start in ((batch[:half], first_row), (batch[half:], first_row + half))
+        if _try_encode(model, part, batch_size)[1] is not None
+        for row in _failing_rows(model, part, batch_size, start)
+    ]
+
+
+def _file_versions(table: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(file, size, modification time) of every file of the table."""
+    return [(str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in table_files(table)]
+
+
+def _check_unchanged(table: str | os.PathLike, version: list[tuple[str, int, int]]) -> None:
+    if _file_versions(table) != version:
+        raise ValueError(
+            f"Entity table {str(table)!r} changed while it was being embedded. Run again once it is written; "
+            "chunks of the earlier version are not reused."
+        )
+
+
+def _chunk_tag(plan_id: str, data: bytes) -> str:
+    """Binds a chunk file's bytes to the plan they were computed under."""
+    return hashlib.sha256(plan_id.encode() + data).hexdigest()[:16]
+
+
+def _write_chunk(output_dir: Path, chunk: int, plan_id: str, vectors: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    data = buffer.getvalue()
+    path = output_dir / CHUNKS / f"{chunk:06d}-{_chunk_tag(plan_id, data)}.npy"
+    replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _read_chunk(output_dir: Path, chunk: int, plan_id: str) -> np.ndarray | None:
+    """The vectors of ``chunk`` if a file of it was written under this plan and is intact, else None.
+
+    Any other file of the chunk (truncated, edited, of another plan) is removed with a warning.
+    """
+    found = None
+    for path in sorted((output_dir / CHUNKS).glob(f"{chunk:06d}-*.npy")):
+        data = path.read_bytes()
+        if found is None and path.stem.split("-", 1)[1] == _chunk_tag(plan_id, data):
+            found = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            logger.warning("%r is not an intact chunk of this run (corrupt or copied in); recomputing it.", str(path))
+            path.unlink()
+    return found
 
 
 def _write_json(path: Path, content: dict) -> None:
     write_text_atomically(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
+def _prepare_folder(output_dir: Path, plan: dict) -> None:
+    """Make ``output_dir`` hold only chunks of ``plan`` (main process, before the others look at it).
+
+    A folder of another table path or entity type is refused; a plan that differs otherwise (table
+    content, model, chunk size) clears the chunks with a one-line warning. A finished output whose files
+    fail their check is merged again from its chunks.
+    """
+    fix = "Delete this folder (or its plan.json) and run again."
+    existing = read_json(output_dir / PLAN, fix) if (output_dir / PLAN).is_file() else None
+    if existing is not None and existing != plan:
+        other = [key for key in _IDENTITY if existing.get(key) != plan[key]]
+        if other:
+            raise ValueError(
+                f"{str(output_dir)!r} holds the embeddings of another {' and '.join(other)} "
+                f"({', '.join(f'{key} {existing.get(key)!r}' for key in other)}; now "
+                f"{', '.join(f'{key} {plan[key]!r}' for key in other)}). Use a new --out folder, or delete this one."
+            )
+        changed = [key for key in plan if existing.get(key) != plan[key]]
+        logger.warning(
+            "%r: the %s changed since its chunks were computed; recomputing every chunk.",
+            str(output_dir), ", ".join(changed),
+        )  # fmt: skip
+    if existing != plan:
+        (output_dir / MANIFEST).unlink(missing_ok=True)
+        (output_dir / PLAN).unlink(missing_ok=True)
+        for folder in (CHUNKS, PROCESSES):  # written under an earlier plan (or none: an interrupted clean-up)
+            shutil.rmtree(output_dir / folder, ignore_errors=True)
+        (output_dir / CHUNKS).mkdir(parents=True)
+        _write_json(output_dir / PLAN, plan)
+    elif (output_dir / MANIFEST).is_file():
+        try:
+            EntityEmbeddings.load(output_dir)
+        except (FileNotFoundError, ValueError) as error:
+            logger.warning("%s Merging its chunks again.", error)
+            (output_dir / MANIFEST).unlink()
+
+
 def _check_plan(output_dir: Path, plan: dict) -> None:
-    existing = json.loads((output_dir / PLAN).read_text())
+    existing = read_json(output_dir / PLAN, _RERUN)
     if existing != plan:
         changed = sorted(key for key in plan if existing.get(key) != plan[key])
         raise ValueError(
-            f"{str(output_dir)!r} holds chunks of another run (different {changed}: {existing} vs {plan}). "
-            "Use a new --out folder, or delete this one to recompute."
+            f"{str(output_dir)!r}: this process sees another {changed} than the main process ({plan} vs "
+            f"{existing}); was the table or model rewritten during the launch? Run again."
         )
 
 
-def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict) -> Path:
+def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict, plan_id: str, dim: int) -> Path:
     """Concatenate the chunks into ``embeddings.npy`` (streamed, memory is one chunk) and write the rest."""
-    missing = [chunk for chunk in range(num_chunks) if not _chunk_path(output_dir, chunk).is_file()]
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} chunk(s) of {str(output_dir)!r} are missing at merge time (first: {missing[0]}); "
-            "a process failed. Run the same command again to compute only those."
-        )
-    first = np.load(_chunk_path(output_dir, 0), mmap_mode="r", allow_pickle=False)
-    dim = first.shape[1]
+    missing = []
 
     def write_embeddings(tmp: str) -> None:
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), dim))
         for chunk in range(num_chunks):
+            vectors = _read_chunk(output_dir, chunk, plan_id)
+            if vectors is None:
+                missing.append(chunk)
+                continue
             rows = chunk_rows(len(ids), plan["chunk_size"], chunk)
-            merged[rows.start : rows.stop] = np.load(_chunk_path(output_dir, chunk), allow_pickle=False)
+            merged[rows.start : rows.stop] = vectors  # (len(rows), dim)
         merged.flush()
         del merged
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} chunk(s) of {str(output_dir)!r} are missing at merge time (first: {missing[0]}); "
+                "a process failed. Run the same command again to compute only those."
+            )
 
-    replace_atomically(output_dir / "embeddings.npy", write_embeddings)
-    write_text_atomically(output_dir / "ids.json", json.dumps(ids, ensure_ascii=False))
-    _write_json(output_dir / MANIFEST, {**plan, "dim": dim, "chunks": num_chunks})
+    replace_atomically(output_dir / EMBEDDINGS, write_embeddings)
+    write_text_atomically(output_dir / IDS, json.dumps(ids, ensure_ascii=False))
+    files = {name: file_sha256(output_dir / name) for name in (EMBEDDINGS, IDS)}
+    _write_json(output_dir / MANIFEST, {**plan, "dim": dim, "chunks": num_chunks, "files": files})
     return output_dir
 
 
 __all__ = [
     "ENTITY_MODEL_TYPES",
     "EntityEmbeddings",
+    "check_file_sha256",
     "chunk_rows",
     "embed_entity_table",
     "model_fingerprint",
     "process_chunks",
     "process_state",
+    "read_json",
+    "read_manifest",
 ]
