@@ -1,12 +1,15 @@
-"""The cached query embedder: hits, TTL expiry with an injected clock, LRU bound, single-flight, batching, errors."""
+"""The cached query embedder: hits, TTL expiry with an injected clock, LRU and memory bounds, single-flight,
+batching, errors."""
 
 import asyncio
+import gc
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from omnisearchsage_hf.serving.query_cache import THIRTY_DAYS, CachedQueryEmbedder
+from omnisearchsage_hf.serving.query_cache import ONE_GIB, THIRTY_DAYS, CachedQueryEmbedder, entry_bytes
 
 
 class FakeModel:
@@ -70,6 +73,7 @@ def test_ttl_expiry_with_injected_clock():
     assert fresh[1] == 1 and refreshed[1] == 2  # recomputed by a second model call
     assert (stats.hits, stats.misses, stats.expirations, stats.model_calls) == (1, 2, 1, 2)
     assert CachedQueryEmbedder(model).ttl_seconds == THIRTY_DAYS == 30 * 86400
+    assert CachedQueryEmbedder(model).max_bytes == ONE_GIB == 2**30
 
 
 def test_size_bound_evicts_least_recently_used():
@@ -85,6 +89,51 @@ def test_size_bound_evicts_least_recently_used():
 
     stats = run(scenario())
     assert (stats.size, stats.evictions, stats.model_queries) == (2, 1, 3)
+
+
+def test_the_byte_bound_holds_for_the_memory_really_allocated():
+    """tracemalloc sees every allocation the cache keeps (query strings, tuples, arrays and their data, the
+    dictionary): what ``clear()`` frees after filling it past its bound is 90-100% of ``max_bytes`` (the
+    dictionary is counted as ``sys.getsizeof`` reports it, a little over what it allocates). Uncounted keys
+    (here ~10% of an entry), or rows kept as views of their 64-row batch, would exceed it."""
+    max_bytes = 2 * 2**20
+
+    def encode(queries):
+        return np.random.default_rng(len(queries)).standard_normal((len(queries), 256), dtype=np.float32)
+
+    async def scenario():
+        embedder = CachedQueryEmbedder(encode, max_bytes=max_bytes, max_wait_ms=0)
+        await embedder.embed("warm up")  # the worker task and its thread exist before the baseline
+        embedder.clear()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for start in range(0, 4032, 64):  # queries of 8 to 207 characters, made here: only the cache keeps them
+                await asyncio.gather(
+                    *(embedder.embed(f"q{i:06d} " + "x" * (i % 200)) for i in range(start, start + 64))
+                )
+            gc.collect()
+            full, stats = tracemalloc.get_traced_memory()[0], embedder.stats()
+            embedder.clear()  # what remains is not the cache's: the worker's last batch, asyncio's bookkeeping
+            gc.collect()
+            held = full - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        embedder.close()
+        return held, stats
+
+    held, stats = run(scenario())
+    assert stats.evictions > 0 and stats.size + stats.evictions == 4032
+    assert 0.95 * max_bytes <= stats.bytes <= max_bytes
+    assert 0.9 * max_bytes <= held <= max_bytes, held
+
+
+def test_entry_bytes_counts_the_key_and_refuses_views():
+    vector = np.zeros(256, dtype=np.float32)
+    assert entry_bytes("a" * 100, vector) - entry_bytes("a", vector) == 96  # 149 vs 50 bytes, in 16-byte blocks
+    assert entry_bytes("query number 00000001 x", vector) == 1328  # the figure the docstring gives
+    with pytest.raises(ValueError, match="view"):
+        entry_bytes("a", np.zeros((2, 256), dtype=np.float32)[0])
 
 
 def test_single_flight_and_micro_batching():
@@ -180,8 +229,8 @@ def test_a_cancelled_waiter_does_not_cancel_the_others():
 
 @pytest.mark.parametrize(
     ("option", "value", "match"),
-    [("max_size", -1, "max_size"), ("ttl_seconds", 0, "ttl_seconds"), ("max_batch_size", 0, "max_batch_size"),
-     ("max_wait_ms", -1, "max_wait_ms")],
+    [("max_size", -1, "max_size"), ("max_bytes", -1, "max_bytes"), ("max_bytes", 1.5, "max_bytes"),
+     ("ttl_seconds", 0, "ttl_seconds"), ("max_batch_size", 0, "max_batch_size"), ("max_wait_ms", -1, "max_wait_ms")],
 )  # fmt: skip
 def test_bad_options(option, value, match):
     with pytest.raises(ValueError, match=match):

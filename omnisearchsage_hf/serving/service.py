@@ -7,27 +7,43 @@ Endpoints (JSON in, JSON out):
   ``{"results": {"pin": [{"id": "p1", "score": 0.83}, …]}}`` (``entity_types`` defaults to every type)
 - ``GET /health`` -> ``{"status": "ok", "entity_types": {"pin": 1000000}, "cache": {…counters…}}``
 - ``GET /metrics`` -> Prometheus text: requests by endpoint and status, a latency histogram per
-  endpoint, cache hits / misses / hit rate / size, model calls and model queries.
+  endpoint, client disconnects per endpoint, connections the server closed (by reason), cache hits /
+  misses / hit rate / size / bytes, model calls and model queries.
 
 Bad requests get a 4xx with ``{"error": "<what is wrong and how to fix it>"}`` and change nothing:
-400 for a body that is not a JSON object, 422 for a field with a bad value (missing, empty or too long
-query, ``k`` out of range, unknown entity type). Handlers are plain async functions with orjson, so a
-cache hit costs a few tens of microseconds of Python on top of the HTTP parsing.
+400 for a body that is not a JSON object, 413 for a body over ``HttpLimits.max_body_bytes``, 422 for a
+field with a bad value (missing, empty or too long query, ``k`` out of range, unknown entity type). An
+error names the field, the JSON type and the limit, never the request's own text, so its length is bounded
+whatever the client sent. Handlers are plain async functions with orjson, so a cache hit costs a few tens
+of microseconds of Python on top of the HTTP parsing.
+
+Under abuse (:class:`HttpLimits`, all applied by :func:`serve`; the app alone applies the body limit): a
+body is counted as it streams and refused with a 413 at the limit (a ``Content-Length`` over it before a
+byte is read); a connection whose headers or body do not arrive in time (slowloris) gets a 408, one whose
+headers are too large a 431, and is closed; a client that goes away mid-request is counted in
+``omnisearchsage_client_disconnects_total``, not as a 500, and logs nothing. ``bench/serve_abuse.py``
+measures all of it against the running service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import orjson
+import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .ann_index import EntityIndex
 from .query_cache import CachedQueryEmbedder
@@ -37,13 +53,65 @@ JSON = "application/json"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class RequestError(Exception):
-    """A client error: answered with ``status`` and ``{"error": message}``."""
+CloseReason = Literal["header_timeout", "body_timeout", "headers_too_large", "body_too_large"]
+# Key in a request's ASGI ``scope["state"]``: set when the server cut the request off for a limit.
+REFUSED = "omnisearchsage_refused"
 
-    def __init__(self, status: int, message: str):
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may send and how slowly: the service's defences against oversized and slow requests.
+
+    Args:
+        max_body_bytes: Largest request body (default 65,536; a search request is well under 1 KB). A
+            larger one gets a 413 as soon as its ``Content-Length`` (before reading it) or its streamed
+            bytes pass the limit, and the connection is closed.
+        max_header_bytes: Largest request line plus headers (default 16,384, as h11's default); more gets
+            a 431 and the connection is closed.
+        header_timeout: Seconds from a connection's opening, or from the first byte of its next request,
+            until the request's headers are complete (default 10). Later: a 408 and the connection is
+            closed, whatever the client trickles meanwhile (slowloris).
+        body_timeout: Seconds from the end of the headers until the whole body has arrived (default 10).
+            Later: a 408 (unless a response has started) and the connection is closed.
+        keep_alive_timeout: Seconds an idle keep-alive connection is kept between requests (default 5;
+            uvicorn's ``timeout_keep_alive``).
+        max_connections: Open connections plus running requests at most; more get a 503 from uvicorn
+            (default None: no limit; uvicorn's ``limit_concurrency``). Slow connections count too, so a
+            tight limit turns a slowloris flood into 503s for everyone: the timeouts are the first defence.
+    """
+
+    max_body_bytes: int = 64 * 1024
+    max_header_bytes: int = 16 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int | None = None
+
+    def __post_init__(self):
+        for name, kind in (("max_body_bytes", int), ("max_header_bytes", int), ("header_timeout", int | float),
+                           ("body_timeout", int | float), ("keep_alive_timeout", int | float)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+                what = "an int" if kind is int else "a number"
+                raise ValueError(f"{_limit_name(name)} must be {what} > 0, got {value!r}.")
+        count = self.max_connections
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"{_limit_name('max_connections')} must be None or an int >= 1, got {count!r}.")
+
+
+def _limit_name(field: str) -> str:
+    """A limit as both users know it: the Python field and the command's flag."""
+    return f"HttpLimits.{field} (omnisearchsage-serve --{field.replace('_', '-')})"
+
+
+class RequestError(Exception):
+    """A client error: answered with ``status`` and ``{"error": message}`` (and ``Connection: close`` if ``close``)."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 class _CacheCollector:
@@ -66,20 +134,27 @@ class _CacheCollector:
             yield CounterMetricFamily(f"omnisearchsage_{name}", help_text, value=value)
         yield GaugeMetricFamily("omnisearchsage_query_cache_hit_rate", "Hits / (hits + misses).", stats.hit_rate)
         yield GaugeMetricFamily("omnisearchsage_query_cache_size", "Entries in the query cache.", stats.size)
+        yield GaugeMetricFamily("omnisearchsage_query_cache_bytes", "Memory held by the query cache.", stats.bytes)
 
 
 def create_app(
     embedder: CachedQueryEmbedder,
     index: EntityIndex | None = None,
     *,
+    limits: HttpLimits | None = None,
     max_query_chars: int = 1000,
     max_k: int = 1000,
 ) -> Starlette:
-    """The ASGI application; run it with ``uvicorn.run(app)`` or test it with ``starlette.testclient``.
+    """The ASGI application; serve it with :func:`serve` or test it with ``starlette.testclient``.
+
+    The app itself enforces ``limits.max_body_bytes`` (under any ASGI server). The timeouts and the header
+    limit need the connection, so only :func:`serve` applies them (it reads ``app.state.limits``); there the
+    connection also refuses an oversized body, before the app sees it.
 
     Args:
         embedder: The cached query embedder (owns the query tower).
         index: Entity index for ``/search``; None answers ``/search`` with 503.
+        limits: Request size and time limits (default ``HttpLimits()``: 64 KB bodies, 10 s timeouts).
         max_query_chars: Longest query accepted (default 1,000; the tower reads 64 tokens at most).
         max_k: Largest ``k`` accepted by ``/search`` (default 1,000).
 
@@ -92,8 +167,22 @@ def create_app(
         # {'results': {'pin': [{'id': 'p17', 'score': 0.71}, {'id': 'p3', 'score': 0.69}]}}
         ```
     """
+    limits = limits if limits is not None else HttpLimits()
     registry = CollectorRegistry()
     requests = Counter("omnisearchsage_requests", "HTTP requests.", ("endpoint", "status"), registry=registry)
+    disconnects = Counter(
+        "omnisearchsage_client_disconnects",
+        "Requests whose client went away while its body was being read (not errors of the service).",
+        ("endpoint",),
+        registry=registry,
+    )
+    closed = Counter(
+        "omnisearchsage_connections_closed",
+        "Connections the server answered and closed for a limit (reason: header_timeout, body_timeout, "
+        "headers_too_large, body_too_large).",
+        ("reason",),
+        registry=registry,
+    )
     latency = Histogram(
         "omnisearchsage_request_latency_seconds",
         "Time spent in the handler, per endpoint.",
@@ -113,8 +202,13 @@ def create_app(
                 response = await handler(request)
                 ok.inc()
             except RequestError as error:
-                response = Response(orjson.dumps({"error": error.message}), error.status, media_type=JSON)
+                headers = {"connection": "close"} if error.close else None
+                response = Response(orjson.dumps({"error": error.message}), error.status, headers, media_type=JSON)
                 requests.labels(name, str(error.status)).inc()
+            except ClientDisconnect:  # nobody to answer: counted apart, no traceback
+                if REFUSED not in request.scope.get("state", {}):  # else the server counted its reason
+                    disconnects.labels(name).inc()
+                return Response(status_code=499)  # nginx's "client closed request"; never sent
             except Exception:
                 requests.labels(name, "500").inc()  # Starlette answers 500 and keeps serving
                 raise
@@ -123,20 +217,33 @@ def create_app(
 
         return wrapped
 
+    async def read_body(request: Request) -> bytes:
+        """The body, read as it streams and refused with a 413 once past the limit (never held whole)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise _body_too_large(limits)  # before reading a byte of it
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:  # a chunked body, or a Content-Length the server did not enforce
+                raise _body_too_large(limits)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def read_json(request: Request) -> dict:
-        body = await request.body()
+        body = await read_body(request)
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as error:
             raise RequestError(400, f"The request body is not valid JSON ({error}).") from None
         if not isinstance(payload, dict):
-            raise RequestError(400, f"The request body must be a JSON object, got {type(payload).__name__}.")
+            raise RequestError(400, f"The request body must be a JSON object, got {_json_type(payload)}.")
         return payload
 
     def read_query(payload: dict) -> str:
         query = payload.get("query")
         if not isinstance(query, str):
-            raise RequestError(422, f'Field "query" must be a string, got {_describe(query)}.')
+            raise RequestError(422, f'Field "query" must be a string, got {_json_type(query)}.')
         if not query.strip():
             raise RequestError(422, 'Field "query" is empty: send the text to embed.')
         if len(query) > max_query_chars:
@@ -156,13 +263,20 @@ def create_app(
             raise RequestError(503, "This service has no entity index: start it with --index DIR.")
         k = payload.get("k", 10)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
-            raise RequestError(422, f'Field "k" must be an integer in [1, {max_k}], got {_describe(k)}.')
+            got = "an integer out of that range" if isinstance(k, int) and not isinstance(k, bool) else _json_type(k)
+            raise RequestError(422, f'Field "k" must be an integer in [1, {max_k}], got {got}.')
         entity_types = payload.get("entity_types", index.entity_types)
         if not isinstance(entity_types, list) or not entity_types or not all(isinstance(t, str) for t in entity_types):
-            raise RequestError(422, f'Field "entity_types" must be a non-empty list of strings, got {entity_types!r}.')
-        unknown = sorted(set(entity_types) - set(index.entity_types))
+            raise RequestError(
+                422, f'Field "entity_types" must be a non-empty array of strings; this index has {index.entity_types}.'
+            )
+        unknown = [position for position, t in enumerate(entity_types) if t not in index.entity_types]
         if unknown:
-            raise RequestError(422, f"Unknown entity type(s) {unknown}; this index has {index.entity_types}.")
+            raise RequestError(
+                422,
+                f'Field "entity_types" has {len(unknown)} unknown type(s), the first at position {unknown[0]}; '
+                f"this index has {index.entity_types}.",
+            )
         vector = await embedder.embed(query)
         found = index.search(vector, k, entity_types)
         results = {
@@ -187,7 +301,7 @@ def create_app(
         yield
         embedder.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/embed/query", endpoint("embed_query", embed_query), methods=["POST"]),
             Route("/search", endpoint("search", search), methods=["POST"]),
@@ -196,11 +310,218 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    app.state.limits = limits
+    app.state.count_closed = lambda reason: closed.labels(reason).inc()
+    return app
 
 
-def _describe(value: object) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:80]}{'…' if len(text) > 80 else ''}"
+def server_config(
+    app: Starlette, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"
+) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` (from :func:`create_app`) with all of the app's :class:`HttpLimits`.
+
+    uvicorn's httptools protocol with deadlines and size caps (:class:`LimitedHttpProtocol`), its own
+    ``timeout_keep_alive`` and ``limit_concurrency``, and no access log (the metrics count requests).
+    """
+    limits: HttpLimits = app.state.limits
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=functools.partial(LimitedHttpProtocol, limits=limits, on_close=app.state.count_closed),
+        timeout_keep_alive=limits.keep_alive_timeout,
+        limit_concurrency=limits.max_connections,
+    )
 
 
-__all__ = ["LATENCY_BUCKETS", "RequestError", "create_app"]
+def serve(app: Starlette, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve ``app`` under uvicorn with :func:`server_config` until stopped (Ctrl-C or SIGTERM)."""
+    uvicorn.Server(server_config(app, host=host, port=port, log_level=log_level)).run()
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol with deadlines for a request's headers and body, and size caps.
+
+    uvicorn closes only idle keep-alive connections: a connection that opens and sends nothing, or sends its
+    headers or body a byte at a time (slowloris), is held forever, and httptools buffers a header of any
+    size (re-concatenating it per chunk). Here each connection is in one of three phases, each bounded:
+
+    - ``headers``: from the opening, or the first byte of the next request, until the headers are complete:
+      ``limits.header_timeout`` at most, and ``limits.max_header_bytes`` (counted as bytes arrive, so a
+      header that never ends is cut off too);
+    - ``body``: from the end of the headers until the end of the body: ``limits.body_timeout`` at most, and
+      ``limits.max_body_bytes`` (a larger ``Content-Length`` is refused before the app runs);
+    - ``idle``: the request is in (the app may still be answering; uvicorn's keep-alive timer runs after).
+
+    Past a limit the connection gets a JSON 408, 413 or 431 (unless a response was already started), the
+    request being served, if any, ends as if its client had gone, ``on_close(reason)`` is called, and the
+    connection is closed by a lingering close: the answer is followed by a FIN, and what the client still
+    sends is read and dropped for up to ``LINGER_SECONDS``. Closing at once would reset a client that is
+    still writing its body, and the reset can destroy the answer unread in its socket.
+    Built on uvicorn 0.30-0.54's ``HttpToolsProtocol`` callbacks (``tests/test_serving_http.py`` runs it).
+    """
+
+    LINGER_SECONDS = 1.0
+
+    def __init__(self, *args, limits: HttpLimits, on_close: Callable[[CloseReason], None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.on_close = on_close
+        self._phase: Literal["headers", "body", "idle"] = "idle"
+        self._deadline: asyncio.TimerHandle | None = None
+        self._header_bytes = 0  # of the current request's headers so far
+        self._body_bytes = 0  # of the current request's body so far
+        self._messages = 0  # requests whose body ended (tells whether a chunk held the end of one)
+        self._refused = False  # answered and lingering: nothing more is parsed
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._enter("headers", self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._enter("idle")
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: read and dropped
+        if self._phase == "idle":
+            self._enter("headers", self.limits.header_timeout)
+        messages = self._messages
+        super().data_received(data)
+        if self._phase == "headers" and not self._refused:
+            # All of this chunk is header bytes, unless a request ended in it (pipelining): then count from 0.
+            self._header_bytes = 0 if self._messages != messages else self._header_bytes + len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._refuse("headers_too_large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._body_bytes = 0
+        if self._phase != "headers":  # a pipelined request, begun in the chunk that ended the previous one
+            self._enter("headers", self.limits.header_timeout)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._refused:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        # Exact here, where a single chunk may have carried the whole request.
+        if (
+            len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            > self.limits.max_header_bytes
+        ):
+            self._refuse("headers_too_large")
+            return
+        declared = dict(self.headers).get(b"content-length")  # httptools has checked it is a number
+        if declared is not None and int(declared) > self.limits.max_body_bytes:
+            self._refuse("body_too_large")
+            return
+        self._enter("body", self.limits.body_timeout)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self.limits.max_body_bytes:  # a chunked body has no Content-Length to check
+            self._refuse("body_too_large")
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._messages += 1
+        self._enter("idle")
+        super().on_message_complete()
+
+    def _enter(self, phase: Literal["headers", "body", "idle"], timeout: float | None = None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._phase = phase
+        self._header_bytes = 0
+        if timeout is not None:
+            reason = "header_timeout" if phase == "headers" else "body_timeout"
+            self._deadline = self.loop.call_later(timeout, self._refuse, reason)
+
+    def _refuse(self, reason: CloseReason) -> None:
+        """Answer with the reason's status unless a response was started, end the request, close lingering."""
+        phase, cycle = self._phase, self.cycle  # in the headers phase, `cycle` is the previous request's
+        self._enter("idle")
+        self._refused = True
+        self.on_close(reason)
+        if cycle is not None and not cycle.response_complete:  # as connection_lost does: the app's reads end
+            cycle.disconnected = True  # and its writes go nowhere
+            cycle.message_event.set()
+            cycle.scope.setdefault("state", {})[REFUSED] = reason  # the app counts this, not a client disconnect
+        if not (cycle is not None and cycle.response_started and (phase == "body" or not cycle.response_complete)):
+            status, template = _REFUSALS[reason]
+            body = orjson.dumps({"error": template.format(limits=self.limits)})
+            head = [STATUS_LINE[status]]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body)]
+            self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer, then sees the end (eof_received closes)
+        self.flow.resume_reading()  # keep draining what the client still sends, so closing does not reset it
+        self._deadline = self.loop.call_later(self.LINGER_SECONDS, self.transport.close)
+
+
+_REFUSALS: dict[CloseReason, tuple[int, str]] = {
+    "header_timeout": (
+        408,
+        "The request headers did not arrive within {limits.header_timeout:g} s. Send them at once, or start the "
+        "service with a larger omnisearchsage-serve --header-timeout.",
+    ),
+    "body_timeout": (
+        408,
+        "The request body did not arrive within {limits.body_timeout:g} s of its headers. Send it at once, or start "
+        "the service with a larger omnisearchsage-serve --body-timeout.",
+    ),
+    "body_too_large": (
+        413,
+        "The request body is larger than {limits.max_body_bytes} bytes, this service's limit. Send a smaller body, "
+        "or start the service with a larger omnisearchsage-serve --max-body-bytes.",
+    ),
+    "headers_too_large": (
+        431,
+        "The request line and headers exceed {limits.max_header_bytes} bytes. Send fewer or shorter headers, or "
+        "start the service with a larger omnisearchsage-serve --max-header-bytes.",
+    ),
+}
+
+
+def _body_too_large(limits: HttpLimits) -> RequestError:
+    status, template = _REFUSALS["body_too_large"]
+    return RequestError(status, template.format(limits=limits), close=True)  # close: stop reading the rest
+
+
+def _json_type(value: object) -> str:
+    """The JSON type of a parsed value: errors name it instead of echoing the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "REFUSED",
+    "HttpLimits",
+    "LimitedHttpProtocol",
+    "RequestError",
+    "create_app",
+    "serve",
+    "server_config",
+]
