@@ -1,5 +1,8 @@
 """Synthetic captions with a tiny random BLIP loaded by folder: batching, selection, and the hash-keyed cache."""
 
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -126,3 +129,36 @@ def test_unreadable_images_raise_or_are_skipped(tiny_blip, entities, tmp_path):
         caption_entities(entities, config=CaptionConfig(image_column="picture"), cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="batch_size"):
         CaptionConfig(batch_size=0)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb of ~70 bytes."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    header = struct.pack(">II", width, height) + bytes(data[24:29])  # IHDR data: size, then depth, colour…
+    data[16:29], data[29:33] = header, struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("bomb.png", _png_claiming(20_000, 20_000)),  # over 2x MAX_IMAGE_PIXELS: PIL raises DecompressionBombError
+        ("big.png", _png_claiming(10_000, 10_000)),  # over MAX_IMAGE_PIXELS: PIL only warns; we refuse it too
+        ("cut.png", None),  # a real PNG cut in half: PIL opens it, then fails to decode
+    ],
+)
+def test_bombs_and_truncated_images_raise_or_are_skipped(tiny_blip, entities, tmp_path, write_image, name, content):
+    image = tmp_path / name
+    if content is None:
+        whole = Path(write_image(tmp_path / "whole.png", 5)).read_bytes()
+        content = whole[: len(whole) // 2]
+    image.write_bytes(content)
+    table = entities.set_column(3, "image", pa.array([None, None, str(image), None, None, None]))
+    with pytest.raises(OSError, match=rf"{name}.*on_error='skip'"):
+        caption_entities(table, config=CaptionConfig(model=tiny_blip), cache_dir=tmp_path / "cache")
+    skipped = caption_entities(
+        table, config=CaptionConfig(model=tiny_blip, on_error="skip", max_new_tokens=4), cache_dir=tmp_path / "cache"
+    ).to_pylist()
+    assert skipped == [None] * 6

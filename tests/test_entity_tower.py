@@ -13,7 +13,6 @@ from omnisearchsage_hf import (
     OmniSearchSageEntityConfig,
     OmniSearchSageEntityModel,
     OmniSearchSageTokenizer,
-    build_vocab,
 )
 
 
@@ -189,12 +188,29 @@ class TestBadInput:
         with pytest.raises(ValueError, match="no tokenizer"):
             model.encode([{"title": "a"}])
 
-    def test_tokenizer_larger_than_model(self, make_entity_tower):
+    @pytest.mark.parametrize("extra", [+1, -1])
+    def test_tokenizer_must_match_the_model_exactly(self, make_entity_tower, extra):
+        # Smaller is as wrong as larger: another vocabulary maps words to other rows without an error.
         model = make_entity_tower()
-        too_big = model.config.vocab_size + 1  # out-of-vocabulary buckets alone outnumber the model's rows
-        model.tokenizer = build_vocab(["many more words here"], oov_buckets=too_big, show_progress_bar=False)
-        with pytest.raises(ValueError, match="vocab_size"):
+        model.tokenizer = make_entity_tower(oov_buckets=3 + extra).tokenizer
+        with pytest.raises(ValueError, match=rf"emits {model.config.vocab_size + extra} ids.*`vocab_size`"):
             model.encode([{"title": "a"}])
+
+    @pytest.mark.parametrize("value", [3e38, -1e25])
+    def test_dense_values_that_overflow_inside_the_tower_are_named(self, tower, value):
+        # Finite in float32, but squared by the tower's LayerNorms: NaN embeddings without this check.
+        entities = [{"title": "a", "image_embedding": [0.5, 0.1, 0.0, 1.0]}, {"image_embedding": [value, 0, 0, 0]}]
+        with pytest.raises(ValueError, match=r"Entities \[1\].*'image_embedding' holds values up to .*Scale or clip"):
+            tower.encode(entities)
+        entities[1]["image_embedding"][0] = 1e3  # large but ordinary: embeds
+        assert np.isfinite(tower.encode(entities)).all()
+
+    def test_non_finite_weights_are_blamed_when_inputs_are_ordinary(self, make_entity_tower, sample_entities):
+        model = make_entity_tower()
+        with torch.no_grad():
+            model.mlp.layers[0].weight[0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"Entities \[0, 1, 2, 3\].*weights"):
+            model.encode(sample_entities)
 
     def test_unknown_dense_feature_in_forward(self, tower):
         inputs = tower.prepare_inputs([{"title": "a"}])
@@ -210,11 +226,22 @@ class TestBadInput:
             {"text_fields": ["id"]},
             {"out_dim": 0},
             {"dense_features": {"x": 0}},
+            {"hash_p": [2147483647, 2147483647 - 2], "vocab_size": 10},  # 2**31 - 3 = 5 x 429496729: not prime
+            {"num_buckets": "97"},  # field types are checked (strict needs real annotations, not strings)
+            {"text_fields": 5},
+            {"out_dim": 8.0},
         ],
     )
     def test_invalid_config(self, kwargs):
         with pytest.raises(StrictDataclassError):
             OmniSearchSageEntityConfig(**kwargs)
+
+    def test_invalid_config_json_names_the_file_and_the_field(self, tower, tmp_path):
+        tower.save_pretrained(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "embedding_dim": "16"}))
+        with pytest.raises(ValueError, match=r"(?s)config\.json.*'embedding_dim'.*expected int.*re-download"):
+            AutoModel.from_pretrained(tmp_path)
 
 
 class TestPersistence:

@@ -300,6 +300,13 @@ def test_auto_classes_return_our_classes(tower, tmp_path):
     np.testing.assert_array_equal(model.encode(QUERIES), tower.encode(QUERIES))
 
 
+def test_surrogates_are_joined_or_replaced_not_an_error(tower):
+    # From JSON such as "\\ud83d": not UTF-8 encodable, so fast tokenizers raise an unreadable TypeError.
+    broken = ["lamp \ud83d", "red \ud83d\ude00 dress", "\udfff"]
+    repaired = ["lamp \ufffd", "red \U0001f600 dress", "\ufffd"]
+    np.testing.assert_array_equal(tower.encode(broken), tower.encode(repaired))
+
+
 def test_fp32_save_loads_back_as_fp32(tower, tmp_path):
     tower.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"

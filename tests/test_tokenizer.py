@@ -1,6 +1,7 @@
 """The entity n-gram tokenizer: hand-worked golden examples, batch path vs string path, vocabularies."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -213,10 +214,36 @@ class TestSaveLoad:
             OmniSearchSageTokenizer.from_pretrained(tmp_path)
 
     def test_malformed_trigram_line_is_named(self, tokenizer, tmp_path):
-        tokenizer.save_pretrained(tmp_path)
+        # Hand-made files (no recorded checksums): the line itself is checked.
+        paths = tokenizer.save_vocabulary(str(tmp_path))
         (tmp_path / "trigrams.txt").write_text("abcd\n", encoding="utf-8")
         with pytest.raises(ValueError, match="trigrams.txt.*'abcd'"):
-            OmniSearchSageTokenizer.from_pretrained(tmp_path)
+            OmniSearchSageTokenizer(*paths)
+
+    def test_surrogates_never_reach_the_vocabulary_files(self, tmp_path):
+        # A lone surrogate (from JSON, or an emoji cut in half) used to make save_pretrained fail halfway.
+        tokenizer = build_vocab(["red \ud83d dress", "cup \ud83d\ude00"], show_progress_bar=False)
+        assert "\ufffd" in tokenizer.vocabulary.tokens["unigram"]
+        assert "\U0001f600" in tokenizer.vocabulary.tokens["unigram"]  # a pair is joined into its character
+        tokenizer.save_pretrained(tmp_path)
+        loaded = AutoTokenizer.from_pretrained(tmp_path)
+        assert loaded.vocabulary.tokens == tokenizer.vocabulary.tokens
+        for a, b in zip(loaded.encode_bags(["red \ud83d"]), loaded.encode_bags(["red \ufffd"]), strict=True):
+            assert torch.equal(a, b)
+
+    def test_a_vocabulary_that_cannot_be_saved_is_refused_before_any_file_is_written(self, tmp_path):
+        with pytest.raises(ValueError, match="unigram vocabulary holds 'a\\\\ud800'.*surrogate"):
+            NgramVocabulary([], ["a\ud800"], [])
+
+    def test_files_are_readable_by_others_as_the_umask_allows(self, tokenizer, tmp_path):
+        previous = os.umask(0o022)
+        try:
+            tokenizer.save_pretrained(tmp_path)
+        finally:
+            os.umask(previous)
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("*.txt")} == {
+            name: "0o644" for name in ("trigrams.txt", "unigrams.txt", "bigrams.txt")
+        }
 
     def test_missing_files(self):
         with pytest.raises(ValueError, match="build_vocab"):

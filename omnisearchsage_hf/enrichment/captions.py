@@ -19,8 +19,10 @@ import io
 import json
 import logging
 import os
+import struct
 import time
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 _SHARD_GLOB = "captions-*.parquet"
+# What reading and decoding an image raises for a bad one: OSError (also PIL's UnidentifiedImageError,
+# truncated files and urllib's URLError), the errors PIL's parsers raise on malformed headers, and
+# decompression bombs (added where PIL is imported: they are not OSErrors; the warning is made an error).
+_UNREADABLE: tuple[type[BaseException], ...] = (OSError, EOFError, SyntaxError, ValueError, struct.error)
 _CACHE_SCHEMA = pa.schema([("image_sha256", pa.string()), ("captioner", pa.string()), ("caption", pa.string())])
 
 
@@ -58,7 +64,9 @@ class CaptionConfig:
         device: Passed to ``pipeline`` (``"cpu"``, ``"cuda"``, ``0``…); None lets transformers choose.
         timeout: Seconds to wait for an image URL.
         on_error: ``"raise"`` stops at the first unreadable image; ``"skip"`` leaves its caption empty and
-            logs how many were skipped.
+            logs how many were skipped. Unreadable means: the file or URL cannot be read, the bytes do not
+            decode as an image (truncated, not an image), or the image is a decompression bomb (more
+            pixels than ``PIL.Image.MAX_IMAGE_PIXELS``, 89M by default: a 48 KB PNG can claim 15 GB).
     """
 
     model: str = "Salesforce/blip-image-captioning-base"
@@ -180,9 +188,14 @@ def caption_images(
 
     Returns:
         One caption per source (None for a None source or, with ``on_error="skip"``, an unreadable image).
+
+    Raises:
+        OSError: With ``on_error="raise"``, the first unreadable image (``CaptionConfig.on_error`` says
+            what counts), named.
     """
     from PIL import Image
 
+    unreadable = (*_UNREADABLE, Image.DecompressionBombError, Image.DecompressionBombWarning)
     results: list[str | None] = [None] * len(sources)
     waiting: dict[str, list[int]] = {}  # image hash → positions that get its caption
     batch: list[tuple[str, Any]] = []
@@ -219,11 +232,12 @@ def caption_images(
             if sha in waiting:
                 waiting[sha].append(position)
                 continue
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-        except OSError as error:  # also PIL's UnidentifiedImageError and urllib's URLError
+            image = _decode_image(data)
+        except unreadable as error:
             if config.on_error == "raise":
                 raise OSError(
-                    f"Cannot read image {source!r} ({error}); fix the path or set `on_error='skip'`."
+                    f"Cannot read image {source!r} ({type(error).__name__}: {error}); fix the image or set "
+                    "`on_error='skip'`."
                 ) from error
             skipped += 1
             continue
@@ -283,6 +297,15 @@ def caption_entities(
     )
     cache.compact()
     return pa.array(captions, pa.string())
+
+
+def _decode_image(data: bytes) -> Any:
+    """Decode image bytes to RGB, a decompression bomb (its warning included) being an error like bad bytes."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def _read_image(source: str, config: CaptionConfig) -> bytes:

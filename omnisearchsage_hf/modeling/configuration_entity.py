@@ -1,11 +1,11 @@
 """Configuration of the OmniSearchSage entity tower (pins and products)."""
 
-from __future__ import annotations
-
 import random
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+from .saved_folder import ConfigFileErrors
 
 DEFAULT_TEXT_FIELDS = ("title", "description", "caption", "board_titles", "engaged_queries", "brand", "color")
 DEFAULT_DENSE_FEATURES = {"pinsage_embedding": 256, "visual_embedding": 256, "itemsage_embedding": 256}
@@ -13,10 +13,35 @@ DEFAULT_DENSE_FEATURES = {"pinsage_embedding": 256, "visual_embedding": 256, "it
 RESERVED_KEYS = ("id",)
 
 
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin: exact for every n < 3.3e24 (far past any hash prime)."""
+    if n < 2:
+        return False
+    bases = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+    if n in bases:
+        return True
+    if any(n % b == 0 for b in bases):
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for base in bases:
+        x = pow(base, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
 def _primes_below(limit: int, count: int) -> list[int]:
     primes, candidate = [], limit - 1
     while len(primes) < count:
-        if candidate > 1 and all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+        if is_prime(candidate):
             primes.append(candidate)
         candidate -= 1
     return primes
@@ -38,23 +63,25 @@ def fill_hash_parameters(config: PreTrainedConfig) -> None:
 
 
 def check_hash_parameters(config: PreTrainedConfig) -> None:
-    """Raise unless each hash parameter has ``num_hashes`` entries, ``p > vocab_size``, ``1 <= a < p``, ``0 <= b < p``.
+    """Raise unless each hash parameter has ``num_hashes`` entries, ``p`` is a prime > ``vocab_size``,
+    ``1 <= a < p`` and ``0 <= b < p`` (what makes ``h(t) = ((a*t + b) mod p) mod B`` a universal hash).
 
-    Any config with the hash embedding's fields can use it.
+    Any config with the hash embedding's fields can use it. An edit that keeps these true (another
+    valid ``a``) still changes every bucket; the folder's ``checksums.json`` catches that one.
     """
     for name in ("hash_a", "hash_b", "hash_p"):
         if len(getattr(config, name)) != config.num_hashes:
             raise ValueError(f"`{name}` has {len(getattr(config, name))} entries; `num_hashes` is {config.num_hashes}.")
     for a, b, p in zip(config.hash_a, config.hash_b, config.hash_p, strict=True):
-        if not (p > config.vocab_size and 1 <= a < p and 0 <= b < p):
+        if not (p > config.vocab_size and is_prime(p) and 1 <= a < p and 0 <= b < p):
             raise ValueError(
-                f"Hash parameters need p > vocab_size ({config.vocab_size}), 1 <= a < p and 0 <= b < p; "
+                f"Hash parameters need a prime p > vocab_size ({config.vocab_size}), 1 <= a < p and 0 <= b < p; "
                 f"got a={a}, b={b}, p={p}."
             )
 
 
 @strict
-class OmniSearchSageEntityConfig(PreTrainedConfig):
+class OmniSearchSageEntityConfig(ConfigFileErrors, PreTrainedConfig):
     r"""Configuration of [`OmniSearchSageEntityModel`], the tower that embeds pins and products.
 
     The tower sums a hash embedding of each text field's n-grams (one bag per field, each LayerNorm-ed),
@@ -161,4 +188,4 @@ class OmniSearchSageEntityConfig(PreTrainedConfig):
         check_hash_parameters(self)
 
 
-__all__ = ["OmniSearchSageEntityConfig", "check_hash_parameters", "fill_hash_parameters"]
+__all__ = ["OmniSearchSageEntityConfig", "check_hash_parameters", "fill_hash_parameters", "is_prime"]

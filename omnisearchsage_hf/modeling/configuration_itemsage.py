@@ -1,17 +1,16 @@
 """Configuration of ItemSage, the multimodal product embedding that feeds OmniSearchSage's product side."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .configuration_entity import RESERVED_KEYS, check_hash_parameters, fill_hash_parameters
+from .saved_folder import ConfigFileErrors
 
 DEFAULT_PRODUCT_FIELDS = ("title", "description", "brand", "color", "product_type")
 
 
 @strict
-class ItemSageConfig(PreTrainedConfig):
+class ItemSageConfig(ConfigFileErrors, PreTrainedConfig):
     r"""Configuration of [`ItemSageModel`]: a small transformer over a product's images and text fields.
 
     ItemSage (Baltescu et al., KDD 2022) reads a learned [CLS] slot, up to ``max_images`` image embeddings

@@ -6,11 +6,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .saved_folder import ConfigFileErrors
+
 PoolingMode = Literal["cls", "mean"]
 
 
 @strict
-class OmniSearchSageQueryConfig(PreTrainedConfig):
+class OmniSearchSageQueryConfig(ConfigFileErrors, PreTrainedConfig):
     """Configuration of :class:`OmniSearchSageQueryModel`, the query tower.
 
     The query tower embeds a search query with any Hugging Face encoder (the backbone), pools its token

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as _stdlib_logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,6 +22,20 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with UTF-16 surrogate code points made encodable: pairs joined, lone ones replaced by U+FFFD.
+
+    A Python string can hold surrogates (``json.loads('"\\ud83d"')``, text cut mid-emoji), but they
+    cannot be encoded as UTF-8, so tokenizers reject them with an unreadable error. They are never
+    characters, so replacing them changes no real text; the common case (none) costs one regex scan.
+    """
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def check_batch(inputs: Sequence[Any], name: str) -> None:

@@ -12,7 +12,7 @@ transformers and its flat siblings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,11 @@ import torch
 
 from .configuration_entity import RESERVED_KEYS
 from .encoding import check_batch, check_truncate_dim, encode_in_batches, evaluating
+from .saved_folder import REFETCH
 
 Entity = Mapping[str, Any]
+# Dense values above this are named as the cause of a non-finite embedding (squared, they near float32's max).
+_LARGEST_PLAUSIBLE_FEATURE = 1e6
 
 
 class EntityInputsMixin:
@@ -32,7 +35,13 @@ class EntityInputsMixin:
     ``forward(input_ids, offsets, dense_features, dense_masks)`` returns an output with ``embeddings``.
     """
 
-    def _check_tokenizer(self) -> None:
+    def _check_tokenizer(self, location: str | None = None) -> None:
+        """Raise unless the model has a tokenizer whose ids are exactly its ``vocab_size``.
+
+        Equal, not merely within: a tokenizer with fewer ids than the model was trained with is another
+        vocabulary (or a shortened file) and would map words to the wrong rows without any error.
+        ``location`` is the folder both were loaded from, if any.
+        """
         if not self.config.text_fields:
             return  # nothing to tokenize
         if self.tokenizer is None:
@@ -40,11 +49,18 @@ class EntityInputsMixin:
                 f"This {type(self).__name__} has no tokenizer: set `model.tokenizer` (e.g. from "
                 "`omnisearchsage_hf.build_vocab`) or load a saved folder with `from_pretrained`."
             )
-        if self.tokenizer.vocab_size > self.config.vocab_size:
+        if self.tokenizer.vocab_size != self.config.vocab_size:
+            where = f"The tokenizer in {location}" if location else "The tokenizer"
+            fix = REFETCH if location else "Use the tokenizer the model was built with (its vocab_size)."
             raise ValueError(
-                f"The tokenizer emits {self.tokenizer.vocab_size} ids but the model's `vocab_size` is "
-                f"{self.config.vocab_size}; build the model with `vocab_size=tokenizer.vocab_size`."
+                f"{where} emits {self.tokenizer.vocab_size} ids (its trigrams.txt, unigrams.txt and bigrams.txt plus "
+                f"`oov_buckets` of tokenizer_config.json) but the model's `vocab_size` (config.json) is "
+                f"{self.config.vocab_size}: they do not belong together. {fix}"
             )
+
+    def _check_loaded_tokenizer(self, location: str, resolve: Callable[[str], str | None]) -> None:
+        """Run by ``from_pretrained`` on the tokenizer loaded with the model (see ``_check_tokenizer``)."""
+        self._check_tokenizer(location)
 
     def _check_entities(self, entities: Sequence[Entity]) -> None:
         self._check_tokenizer()
@@ -127,6 +143,12 @@ class EntityInputsMixin:
 
         Returns:
             ``(n, out_dim)`` embeddings in input order, or ``(out_dim,)`` for a single dict.
+
+        Raises:
+            ValueError: A bad input (named by index and field), a tokenizer whose size is not the model's
+                ``vocab_size``, or an entity that embeds to NaN or inf: a dense value finite in float32
+                (3e38, 1e25) can still overflow inside the tower, so the output is checked and the error
+                names the entities and the feature with the largest values.
         """
         single = isinstance(entities, Mapping)
         batch = [entities] if single else entities
@@ -141,7 +163,11 @@ class EntityInputsMixin:
             inputs = self._text_inputs([batch[i] for i in indices])
             inputs["dense_features"] = {name: values[rows] for name, (values, _) in dense.items()}
             inputs["dense_masks"] = {name: mask[rows] for name, (_, mask) in dense.items()}
-            return self(**_to_device(inputs, self.device)).embeddings
+            embeddings = self(**_to_device(inputs, self.device)).embeddings  # (len(indices), out_dim)
+            finite = torch.isfinite(embeddings).all(dim=1).cpu()  # (len(indices),)
+            if not finite.all():
+                raise _non_finite_error([indices[i] for i in torch.nonzero(~finite).flatten().tolist()], dense)
+            return embeddings
 
         with evaluating(self, device):
             embeddings = encode_in_batches(
@@ -157,6 +183,25 @@ class EntityInputsMixin:
                 desc="Encoding entities",
             )
         return embeddings[0] if single else embeddings
+
+
+def _non_finite_error(indices: list[int], dense: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> ValueError:
+    """Why entities ``indices`` embed to NaN or inf: the dense feature with the largest values, or the weights.
+
+    A value can be finite in float32 (3e38, 1e25) and still overflow in the tower's maths (LayerNorm
+    squares its inputs), so the check is on the output; the message names the likely input.
+    """
+    index = indices[0]
+    magnitudes = {name: float(values[index].abs().max()) for name, (values, _) in dense.items()}
+    name = max(magnitudes, key=magnitudes.get, default=None)
+    if name is not None and magnitudes[name] > _LARGEST_PLAUSIBLE_FEATURE:
+        cause = (
+            f"its dense feature {name!r} holds values up to {magnitudes[name]:.3g}, which overflow float32 inside "
+            "the tower. Scale or clip that feature (pre-existing embeddings are usually of order 1)"
+        )
+    else:
+        cause = "its inputs look ordinary, so the model's weights hold NaN or inf: re-download or retrain the model"
+    return ValueError(f"Entities {indices[:10]} embed to NaN or inf (entity {index}: {cause}).")
 
 
 def _text_length(entity: Entity, fields: Sequence[str]) -> int:

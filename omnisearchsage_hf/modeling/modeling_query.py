@@ -8,6 +8,7 @@ see ``write_sentence_transformers_files``.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from transformers.utils import ModelOutput, logging
 
 from .attached_tokenizer import AttachedTokenizerMixin
 from .configuration_query import OmniSearchSageQueryConfig, PoolingMode
-from .encoding import check_batch, check_truncate_dim, encode_in_batches, evaluating
+from .encoding import check_batch, check_truncate_dim, encode_in_batches, evaluating, replace_surrogates
+from .saved_folder import REFETCH
 from .sentence_transformers_folder import write_sentence_transformers_files
 
 logger = logging.get_logger(__name__)
@@ -197,9 +199,27 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
         model.tokenizer = AutoTokenizer.from_pretrained(path)
         return model.eval()
 
-    def _save_extra_files(self, save_directory: Path) -> None:
+    def _save_extra_files(self, save_directory: Path) -> list[str]:
         """Called by ``save_pretrained`` after the weights and tokenizer: adds the sentence-transformers files."""
-        write_sentence_transformers_files(self, save_directory)
+        return write_sentence_transformers_files(self, save_directory)
+
+    def _check_loaded_tokenizer(self, location: str, resolve: Callable[[str], str | None]) -> None:
+        """Raise unless the loaded tokenizer can be the backbone's: ids within its vocabulary, and more
+        than special tokens (a folder without ``tokenizer.json`` loads a tokenizer of special tokens only,
+        which maps every word to ``[UNK]``)."""
+        size, vocab_size = len(self.tokenizer), self.config.backbone_config.vocab_size
+        if size > vocab_size:
+            raise ValueError(
+                f"The tokenizer in {location} has {size} tokens but the backbone's vocabulary (`vocab_size` in "
+                f"config.json) has {vocab_size}: it is another model's tokenizer. {REFETCH}"
+            )
+        if size <= len(set(self.tokenizer.all_special_ids)):
+            files = sorted(set(self.tokenizer.vocab_files_names.values()))
+            missing = [name for name in files if resolve(name) is None]
+            raise ValueError(
+                f"The tokenizer in {location} holds only its {size} special tokens, so every word would be "
+                f"[UNK]: its vocabulary is missing (missing files: {missing} of {files}). {REFETCH}"
+            )
 
     def encode(
         self,
@@ -220,7 +240,8 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
         Dropout is off during the call; every submodule's train/eval mode is restored afterwards.
 
         Args:
-            queries: One query or a non-empty list of queries. Empty strings are allowed.
+            queries: One query or a non-empty list of queries. Empty strings are allowed; UTF-16
+                surrogates (not characters, and not encodable) are joined or replaced by U+FFFD.
             batch_size: Queries per forward pass, >= 1. Default 32.
             show_progress_bar: Show a progress bar; ``None`` (default) shows it when logging is at INFO or DEBUG.
             convert_to_numpy: Return a float32 ``np.ndarray`` (default). If both this and ``convert_to_tensor``
@@ -284,9 +305,10 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
         """Tokenizer inputs for ``forward``: ``config.query_prefix`` added, truncated to ``config.max_length``.
 
         ``encode`` and the trainer both go through here, so training sees exactly what inference sees.
+        UTF-16 surrogates, which no tokenizer can encode, are joined or replaced (``replace_surrogates``).
         """
         features = self.tokenizer(
-            [self.config.query_prefix + query for query in queries],
+            [self.config.query_prefix + replace_surrogates(query) for query in queries],
             padding=True,
             truncation=True,
             max_length=self.config.max_length,

@@ -3,7 +3,7 @@
 ``OmniSearchSageQueryModel.save_pretrained`` calls ``write_sentence_transformers_files`` after writing the
 weights and the tokenizer, so every saved query tower is also a sentence-transformers model built from
 built-in modules only. This file is copied into saved folders with the modeling files, so it imports only
-torch, transformers and huggingface_hub.
+torch, transformers, huggingface_hub and its flat siblings.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 import transformers
 from huggingface_hub import save_torch_state_dict
 
+from .saved_folder import local_resolver, weight_file_names
+
 # Subfolder of a saved tower that sentence-transformers' `Transformer` module loads the backbone from.
 SENTENCE_TRANSFORMERS_BACKBONE = "backbone"
 
@@ -26,7 +28,7 @@ def _write_json(path: Path, data: dict | list) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_sentence_transformers_files(model: Any, folder: str | os.PathLike) -> None:
+def write_sentence_transformers_files(model: Any, folder: str | os.PathLike) -> list[str]:
     """Make a folder written by ``save_pretrained`` loadable by ``SentenceTransformer(folder)`` too.
 
     The pipeline uses built-in sentence-transformers 6 modules only, so it needs no ``trust_remote_code``:
@@ -43,16 +45,21 @@ def write_sentence_transformers_files(model: Any, folder: str | os.PathLike) -> 
     Args:
         model: The ``OmniSearchSageQueryModel`` whose folder this is.
         folder: A folder that ``model.save_pretrained`` has just written.
+
+    Returns:
+        The files written, relative to ``folder`` (for ``checksums.json``).
     """
     folder = Path(folder)
     backbone_dir = folder / SENTENCE_TRANSFORMERS_BACKBONE
     backbone_dir.mkdir(exist_ok=True)
     model.backbone.save_pretrained(backbone_dir)
+    written = [backbone_dir / name for name in ("config.json", *weight_file_names(local_resolver(backbone_dir)))]
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(backbone_dir)
+        written += [path for path in map(Path, model.tokenizer.save_pretrained(backbone_dir)) if path.is_file()]
     model_kwargs = {}
     if "add_pooling_layer" in inspect.signature(type(model.backbone).__init__).parameters:
         model_kwargs["add_pooling_layer"] = False  # the tower dropped the pooler; do not re-create it at random
+    written.append(backbone_dir / "sentence_bert_config.json")
     _write_json(
         backbone_dir / "sentence_bert_config.json",
         {
@@ -85,8 +92,14 @@ def write_sentence_transformers_files(model: Any, folder: str | os.PathLike) -> 
     for path, _, config in modules[1:]:
         (folder / path).mkdir(exist_ok=True)
         _write_json(folder / path / "config.json", config)
+        written.append(folder / path / "config.json")
     projection = {"linear.weight": model.projection.weight, "linear.bias": model.projection.bias}
     save_torch_state_dict({k: v.detach().contiguous() for k, v in projection.items()}, folder / "2_Dense")
+    written += [
+        folder / "2_Dense" / "model.safetensors",
+        folder / "modules.json",
+        folder / "config_sentence_transformers.json",
+    ]
     _write_json(
         folder / "modules.json",
         [{"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind, _) in enumerate(modules)],
@@ -103,6 +116,7 @@ def write_sentence_transformers_files(model: Any, folder: str | os.PathLike) -> 
             "similarity_fn_name": "cosine",
         },
     )
+    return [path.relative_to(folder).as_posix() for path in written]
 
 
 __all__ = ["SENTENCE_TRANSFORMERS_BACKBONE", "write_sentence_transformers_files"]

@@ -5,8 +5,9 @@ n-grams instead of a transformer, so that a billion entities can be embedded che
 the algorithm as plain functions and classes; ``tokenization_omnisearchsage.py`` adapts it to the
 transformers tokenizer protocol.
 
-Text is prepared once per item: Unicode NFKC, casefold, every whitespace run replaced by ``#`` and a
-``#`` added at both ends (``"Red  Dress"`` → ``"#red#dress#"``). From that string:
+Text is prepared once per item: UTF-16 surrogates joined or replaced by U+FFFD (they are not
+characters and cannot be saved as UTF-8), Unicode NFKC, casefold, every whitespace run replaced by
+``#`` and a ``#`` added at both ends (``"Red  Dress"`` → ``"#red#dress#"``). From that string:
 
 - **trigrams** are all 3-character windows (``#re``, ``red``, ``ed#``, ``d#d``, …);
 - **unigrams** are the words: maximal runs of characters that are neither whitespace, Unicode
@@ -25,6 +26,7 @@ and numpy.
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -46,20 +48,32 @@ _KIND_SALTS = {
     "bigram": np.uint64(0x8EBC6AF09C88C6E3),
 }
 KINDS = ("trigram", "unigram", "bigram")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with surrogate pairs joined and lone surrogates replaced by U+FFFD; one regex scan if none.
+
+    (``modeling/encoding.py`` holds the same function for the query tower: each folder is self-contained.)
+    """
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def prepare(text: str, max_chars: int) -> str:
     """Normalise ``text`` into the ``#``-delimited form all n-grams are read from.
 
     Args:
-        text: Any string.
+        text: Any string; surrogates (``"\\ud83d"`` from JSON, an emoji cut in half) are replaced, so
+            every n-gram can be written to a UTF-8 vocabulary file.
         max_chars: Characters kept before and after normalisation, which bounds the cost of a
             10,000-character title (NFKC can expand a character, e.g. ``"ﬃ"`` → ``"ffi"``).
 
     Returns:
         ``"#w1#w2#…#"``, or ``""`` when the text has no non-whitespace character.
     """
-    text = unicodedata.normalize("NFKC", text[:max_chars]).casefold()[:max_chars]
+    text = unicodedata.normalize("NFKC", replace_surrogates(text[:max_chars])).casefold()[:max_chars]
     words = text.replace(_ITEM_SEPARATOR, " ").split()
     if not words:
         return ""
@@ -290,6 +304,7 @@ class NgramVocabulary:
         self._tables: dict[str, KeyTable] = {}
         offset = 0
         for kind in KINDS:
+            self.file_bytes(kind)  # raises now, not halfway through a save, if a token cannot be written
             keys = token_keys(kind, self.tokens[kind])
             if len(np.unique(keys)) != len(keys):
                 raise ValueError(f"The {kind} vocabulary lists a token twice; each token must appear once.")
@@ -297,6 +312,18 @@ class NgramVocabulary:
             self._tables[kind] = KeyTable(keys, np.arange(offset, offset + len(keys)))
             offset += len(keys)
         self.oov_offset = offset
+
+    def file_bytes(self, kind: str) -> bytes:
+        """The ``kind`` vocabulary as saved: UTF-8, one token a line, each line ending in ``\\n``."""
+        tokens = self.tokens[kind]
+        try:
+            return ("\n".join(tokens) + "\n").encode("utf-8") if tokens else b""
+        except UnicodeEncodeError:
+            bad = next(t for t in tokens if _SURROGATE.search(t))
+            raise ValueError(
+                f"The {kind} vocabulary holds {bad!r}, which has a UTF-16 surrogate and cannot be saved as UTF-8; "
+                "build vocabularies with `build_vocab`, which replaces surrogates."
+            ) from None
 
     @property
     def size(self) -> int:

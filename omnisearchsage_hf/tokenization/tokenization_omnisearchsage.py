@@ -11,14 +11,15 @@ numpy, transformers and its sibling ``ngrams.py``.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizer
+from transformers.utils import logging
 
 from .ngrams import KINDS, NgramVocabulary, prepare, segment, token_keys
 
@@ -28,6 +29,8 @@ _TAGS = {"trigram": "tri:", "unigram": "uni:", "bigram": "bi:"}
 _OOV_TAG = "oov:"
 
 TextValue = str | Sequence[str] | None
+
+logger = logging.get_logger(__name__)
 
 
 class BagEncoding(NamedTuple):
@@ -43,19 +46,101 @@ class BagEncoding(NamedTuple):
     offsets: torch.Tensor
 
 
-def _read_vocabulary_file(path: str | os.PathLike) -> list[str]:
+def _checksum(data: bytes) -> dict[str, Any]:
+    """What ``tokenizer_config.json`` records of a vocabulary file: its line count and sha256."""
+    return {"num_tokens": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_vocabulary_file(path: str | os.PathLike, expected: dict[str, Any] | None) -> tuple[list[str], bytes]:
+    """The tokens of a vocabulary file and its bytes, checked against the checksum recorded at save time."""
+    data = Path(path).read_bytes()
+    if expected is not None and _checksum(data) != expected:
+        found = _checksum(data)
+        raise ValueError(
+            f"Vocabulary file {str(path)!r} has {found['num_tokens']} tokens (sha256 {found['sha256'][:16]}…) but "
+            f"tokenizer_config.json recorded {expected['num_tokens']} tokens (sha256 {expected['sha256'][:16]}…) "
+            "when the tokenizer was saved: the file was shortened, reordered or edited since, and every id after "
+            "the change would point at the wrong embedding. Re-download (or copy again) the whole folder, or "
+            "rebuild the vocabulary with `build_vocab` and save it again."
+        )
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"Vocabulary file {str(path)!r} is not UTF-8 text ({error}); it is corrupted.") from None
     tokens = text.split("\n")
-    return tokens[:-1] if tokens and tokens[-1] == "" else tokens
+    return (tokens[:-1] if tokens and tokens[-1] == "" else tokens), data
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+def _check_checksums(checksums: Any) -> None:
+    """Raise unless ``vocabulary_checksums`` (from ``tokenizer_config.json``) has the shape it was saved with."""
+    valid = isinstance(checksums, dict) and all(
+        isinstance(checksums.get(kind), dict)
+        and isinstance(checksums[kind].get("num_tokens"), int)
+        and isinstance(checksums[kind].get("sha256"), str)
+        for kind in KINDS
+    )
+    if not valid:
+        raise ValueError(
+            f"Field 'vocabulary_checksums' of tokenizer_config.json is malformed ({checksums!r}); it maps each of "
+            f"{KINDS} to {{'num_tokens': int, 'sha256': str}}. Re-download (or copy again) the whole folder."
+        )
+
+
+def _vocabulary_from_files(
+    files: dict[str, str | None], oov_buckets: int, expected: dict[str, Any] | None, source: str
+) -> tuple[NgramVocabulary, dict[str, dict[str, Any]]]:
+    """The vocabulary in the three files, checked against ``expected`` checksums, and its own checksums.
+
+    ``source`` is where ``oov_buckets`` and ``expected`` came from (a folder's tokenizer_config.json), or
+    "" for files given by hand, which have no recorded checksums to warn about.
+    """
+    missing = [VOCAB_FILES_NAMES[key] for key, path in files.items() if path is None or not os.path.isfile(path)]
+    if missing:
+        raise ValueError(
+            f"OmniSearchSageTokenizer needs its vocabulary files; missing: {missing}. Load a saved folder with "
+            "`from_pretrained` (re-download it if a file is gone), or build vocabularies from text with "
+            "`omnisearchsage_hf.build_vocab`."
+        )
+    if expected is not None:
+        _check_checksums(expected)
+    elif source:
+        logger.warning_once(
+            f"No `vocabulary_checksums`{source} (saved before they were added): the vocabulary files cannot be "
+            "verified. Save the tokenizer again to add them."
+        )
+    lists, file_bytes = {}, {}
+    for kind, path in zip(KINDS, files.values(), strict=True):
+        lists[kind], file_bytes[kind] = _read_vocabulary_file(path, expected[kind] if expected else None)
+        try:
+            token_keys(kind, lists[kind])
+        except ValueError as error:
+            raise ValueError(f"Vocabulary file {str(path)!r}: {error}") from None
+    try:
+        vocabulary = NgramVocabulary(lists["trigram"], lists["unigram"], lists["bigram"], oov_buckets)
+    except ValueError as error:  # `oov_buckets` comes from tokenizer_config.json, the tokens from the files
+        raise ValueError(f"{error}{source}") from None
+    # A file that ends in a newline is byte for byte what `save_vocabulary` writes of its tokens.
+    checksums = {
+        kind: _checksum(data if data.endswith(b"\n") or not data else vocabulary.file_bytes(kind))
+        for kind, data in file_bytes.items()
+    }
+    return vocabulary, checksums
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place.
+
+    The temporary file is created by ``open``, so it gets the mode the umask gives any new file (0o644
+    by default), not the 0o600 of ``tempfile``, which would survive the rename and hide the vocabulary
+    from a service running as another user. (``omnisearchsage_hf/atomic.py`` is the package's version;
+    this folder imports nothing from the package.)
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class OmniSearchSageTokenizer(PreTrainedTokenizer):
@@ -77,6 +162,11 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
             them). With ``vocabulary``, the vocabulary's own setting is used.
         max_chars_per_field: Characters of one field (summed over the items of a list field) that are
             tokenized; the rest is ignored. Bounds the tokens of a field to about 3x this number.
+        vocabulary_checksums: ``{kind: {"num_tokens", "sha256"}}`` of the three files, as
+            ``save_pretrained`` records them in ``tokenizer_config.json``; when loading from files they must
+            match, so a vocabulary file one line short, two lines swapped or emptied is an error naming
+            the file instead of a silent shift of every id after the change. A folder saved without them
+            loads with a warning. Never needed by hand: the tokenizer computes its own for saving.
 
     Example:
         ::
@@ -103,29 +193,28 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
         vocabulary: NgramVocabulary | None = None,
         oov_buckets: int = 0,
         max_chars_per_field: int = 1024,
+        vocabulary_checksums: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
+        # Loaded by `from_pretrained`: these arguments come from the folder's tokenizer_config.json.
+        source = ""
+        if kwargs.get("name_or_path"):
+            source = f" (in tokenizer_config.json of {kwargs['name_or_path']}: fix it there or re-download the folder)"
         if not isinstance(max_chars_per_field, int) or max_chars_per_field < 1:
-            raise ValueError(f"`max_chars_per_field` must be a positive int, got {max_chars_per_field!r}.")
+            raise ValueError(f"`max_chars_per_field`{source} must be a positive int, got {max_chars_per_field!r}.")
         if vocabulary is None:
             files = {"trigram_file": trigram_file, "unigram_file": unigram_file, "bigram_file": bigram_file}
-            missing = [name for name, path in files.items() if path is None or not os.path.isfile(path)]
-            if missing:
-                raise ValueError(
-                    f"OmniSearchSageTokenizer needs its vocabulary files; missing: {missing}. Load a saved folder "
-                    "with `from_pretrained`, or build vocabularies from text with `omnisearchsage_hf.build_vocab`."
-                )
-            lists = {}
-            for kind, path in zip(KINDS, files.values(), strict=True):
-                try:
-                    lists[kind] = _read_vocabulary_file(path)
-                    token_keys(kind, lists[kind])
-                except ValueError as error:
-                    raise ValueError(f"Vocabulary file {str(path)!r}: {error}") from None
-            vocabulary = NgramVocabulary(lists["trigram"], lists["unigram"], lists["bigram"], oov_buckets)
+            vocabulary, checksums = _vocabulary_from_files(files, oov_buckets, vocabulary_checksums, source)
+        else:
+            checksums = {kind: _checksum(vocabulary.file_bytes(kind)) for kind in KINDS}
         self.vocabulary = vocabulary
         self.max_chars_per_field = max_chars_per_field
-        super().__init__(oov_buckets=vocabulary.oov_buckets, max_chars_per_field=max_chars_per_field, **kwargs)
+        super().__init__(
+            oov_buckets=vocabulary.oov_buckets,
+            max_chars_per_field=max_chars_per_field,
+            vocabulary_checksums=checksums,
+            **kwargs,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -173,14 +262,18 @@ class OmniSearchSageTokenizer(PreTrainedTokenizer):
         return " ".join(t[len(_TAGS["unigram"]) :] for t in tokens if t.startswith(_TAGS["unigram"]))
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        """Write the three vocabularies as UTF-8 text, one token a line, atomically; return their paths."""
+        """Write the three vocabularies as UTF-8 text, one token a line, atomically; return their paths.
+
+        Their checksums are already in ``tokenizer_config.json`` (``vocabulary_checksums``, computed from
+        the same bytes when the tokenizer was built), which ``from_pretrained`` checks them against.
+        """
         directory = Path(save_directory)
         if not directory.is_dir():
             raise ValueError(f"`save_directory` {save_directory!r} is not a directory.")
         paths = []
         for kind, name in zip(KINDS, VOCAB_FILES_NAMES.values(), strict=True):
             path = directory / ((filename_prefix + "-" if filename_prefix else "") + name)
-            _write_text_atomically(path, "".join(token + "\n" for token in self.vocabulary.tokens[kind]))
+            _write_atomically(path, self.vocabulary.file_bytes(kind))
             paths.append(str(path))
         return tuple(paths)
 
