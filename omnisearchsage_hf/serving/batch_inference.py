@@ -91,7 +91,7 @@ class EntityEmbeddings:
         """Read an output folder of :func:`embed_entity_table`.
 
         ``embeddings.npy`` and ``ids.json`` are hashed and compared with the SHA-256 the manifest recorded
-        (about 0.7 s per GB, i.e. per million 256-d rows), so a truncated, edited or swapped file is an
+        (0.7-1.4 s per GB, i.e. per million 256-d rows, here), so a truncated, edited or swapped file is an
         error naming it, never wrong vectors under the right ids.
 
         Raises:
@@ -113,9 +113,10 @@ class EntityEmbeddings:
             check_file_sha256(directory / name, sha256, _RERUN)
         ids = read_json(directory / IDS, _RERUN)
         embeddings = np.load(directory / EMBEDDINGS, mmap_mode="r", allow_pickle=False)
-        if embeddings.shape != (manifest["rows"], manifest["dim"]) or len(ids) != manifest["rows"]:
+        rows, dim = manifest.get("rows"), manifest.get("dim")
+        if embeddings.shape != (rows, dim) or len(ids) != rows:
             raise ValueError(
-                f"{str(directory)!r} is inconsistent: manifest says {manifest['rows']} x {manifest['dim']}, "
+                f"{str(directory)!r} is inconsistent: manifest.json says {rows} x {dim}, "
                 f"embeddings.npy is {embeddings.shape}, ids.json has {len(ids)}. {_RERUN}"
             )
         return cls(manifest["entity_type"], ids, embeddings)
