@@ -23,7 +23,8 @@ from omnisearchsage_hf.cli_errors import UsageError
 from omnisearchsage_hf.serving import CachedQueryEmbedder, EntityIndex, create_app
 from omnisearchsage_hf.serving import service as service_module
 from omnisearchsage_hf.serving.cli import serve_main
-from omnisearchsage_hf.serving.service import HttpLimits, server_config
+from omnisearchsage_hf.serving.http_limits import HttpLimits
+from omnisearchsage_hf.serving.service import server_config
 
 
 @pytest.fixture(scope="module")

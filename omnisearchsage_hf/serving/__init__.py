@@ -8,7 +8,7 @@ import importlib.util
 
 _MISSING = [
     name
-    for name in ("faiss", "starlette", "uvicorn", "orjson", "prometheus_client")
+    for name in ("faiss", "starlette", "uvicorn", "httptools", "orjson", "prometheus_client")
     if not importlib.util.find_spec(name)
 ]
 if _MISSING:
@@ -18,8 +18,9 @@ if _MISSING:
 
 from .ann_index import EntityIndex, SearchResult, build_entity_index, exact_search, recall_at_k  # noqa: E402
 from .batch_inference import EntityEmbeddings, embed_entity_table  # noqa: E402
+from .http_limits import HttpLimits  # noqa: E402
 from .query_cache import THIRTY_DAYS, CachedQueryEmbedder, CacheStats  # noqa: E402
-from .service import create_app  # noqa: E402
+from .service import create_app, serve  # noqa: E402
 
 __all__ = [
     "THIRTY_DAYS",
@@ -27,10 +28,12 @@ __all__ = [
     "CachedQueryEmbedder",
     "EntityEmbeddings",
     "EntityIndex",
+    "HttpLimits",
     "SearchResult",
     "build_entity_index",
     "create_app",
     "embed_entity_table",
     "exact_search",
     "recall_at_k",
+    "serve",
 ]

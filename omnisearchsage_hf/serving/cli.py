@@ -176,7 +176,7 @@ _LIMIT_HELP = {
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``omnisearchsage-serve``: the HTTP service (query embeddings behind a cache, HNSW search)."""
-    from .service import HttpLimits  # the defaults below are its fields'
+    from .http_limits import HttpLimits  # the defaults below are its fields'
 
     parser = argparse.ArgumentParser(prog="omnisearchsage-serve", description=serve_main.__doc__)
     parser.add_argument("--query-model", required=True, help="Query tower folder (save_pretrained output).")
@@ -221,8 +221,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ..modeling import OmniSearchSageQueryConfig
     from .ann_index import EntityIndex
     from .batch_inference import ENTITY_MODEL_TYPES
+    from .http_limits import HttpLimits
     from .query_cache import CachedQueryEmbedder
-    from .service import HttpLimits, create_app, serve
+    from .service import create_app, serve
 
     # Everything that can be refused is checked before the weights load, so a mistake costs seconds.
     limits = HttpLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(HttpLimits)})
