@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from omnisearchsage_hf.training.frequency import (
     ConditionalFrequencyEstimator,
@@ -88,10 +89,10 @@ def test_state_dict_round_trip(tmp_path):
     ids, draws = zipf_stream(num_ids=1000, num_draws=5000)
     sketch = CountMinSketch(width=128, depth=2, seed=7)
     sketch.update(torch.from_numpy(draws))
-    torch.save(sketch.state_dict(), tmp_path / "sketch.pt")
+    save_file(sketch.state_dict(), tmp_path / "sketch.safetensors")  # as checkpoints store it
 
     restored = CountMinSketch(width=128, depth=2, seed=999)  # the saved hash parameters win
-    restored.load_state_dict(torch.load(tmp_path / "sketch.pt", weights_only=True))
+    restored.load_state_dict(load_file(tmp_path / "sketch.safetensors"))
     probe = torch.from_numpy(ids)
     assert torch.equal(restored.query(probe), sketch.query(probe))
     assert int(restored.total) == int(sketch.total)

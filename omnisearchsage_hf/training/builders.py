@@ -6,12 +6,15 @@ build the same towers the trainer does without running it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import heapq
+import itertools
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast, set_seed
 
 from ..data.encoders import resolve_model
 from ..data.tables import EntityTable
@@ -33,6 +36,7 @@ ENTITY_ARCHITECTURES = {
 }
 ENTITY_TOKENIZER = "entity"
 QUERY_TOKENIZER = "query"
+WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def entity_config(
@@ -43,15 +47,24 @@ def entity_config(
     return config_class(**{**(defaults or {}), **model.entity})
 
 
-def train_wordpiece_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer learned from ``texts``, for a query tower trained from scratch."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer learned from ``texts``, for a query tower trained from scratch.
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    The same texts always give the same vocabulary, in the same order, in any process. (The ``tokenizers``
+    trainer does not: it numbers its ``##`` tokens in hash-map order and breaks ties between equally
+    frequent merges by those numbers, huggingface/tokenizers#1794, so two runs learned different
+    vocabularies.) Words come from the BERT normalizer and pre-tokenizer; the vocabulary from
+    :func:`learn_wordpiece_vocab`.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    word_counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    vocab = learn_wordpiece_vocab(word_counts, vocab_size, special_tokens=WORDPIECE_SPECIAL_TOKENS)
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -64,6 +77,81 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTo
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def learn_wordpiece_vocab(
+    word_counts: Mapping[str, int], vocab_size: int, *, special_tokens: Sequence[str] = (), prefix: str = "##"
+) -> list[str]:
+    """A WordPiece vocabulary learned by byte-pair merges over ``word_counts``, with deterministic ties.
+
+    As in BERT's and the ``tokenizers`` trainer: every word starts as its characters, all but the first
+    marked as continuations (``"cat"`` → ``c ##a ##t``); the most frequent adjacent pair is merged into a
+    new token (``##a ##t`` → ``##at``), over and over, until the vocabulary holds ``vocab_size`` tokens
+    or no pair is left. Ties between equally frequent pairs go to the lexicographically smallest pair,
+    so the result depends on the counts only, never on hash or iteration order.
+
+    Args:
+        word_counts: ``{word: count}`` of pre-tokenized words.
+        vocab_size: Target size, special tokens and the alphabet included (they are kept even past it).
+        special_tokens: Tokens placed first, in this order.
+        prefix: Marks a piece that continues a word.
+
+    Returns:
+        The tokens in id order: ``special_tokens``, the characters by code point, the continuation
+        characters by code point, then the merged tokens in the order they were learned.
+    """
+    words = sorted(word_counts)  # a fixed order, so the pair -> word index below is reproducible
+    counts = [word_counts[word] for word in words]
+    pieces = [[word[0], *(prefix + char for char in word[1:])] for word in words if word]
+    counts = [count for word, count in zip(words, counts, strict=True) if word]
+    alphabet = sorted({piece for word in pieces for piece in word}, key=lambda p: (p.startswith(prefix), p))
+    vocab = [*special_tokens, *(piece for piece in alphabet if piece not in special_tokens)]
+    known = set(vocab)
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    pair_words: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for index, (word, count) in enumerate(zip(pieces, counts, strict=True)):
+        for pair in itertools.pairwise(word):
+            pair_counts[pair] += count
+            pair_words[pair].add(index)
+    # Max-heap on count, min on the pair; entries go stale when a count changes and are skipped then.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts[pair] != -negative_count or negative_count == 0:
+            continue
+        merged = pair[0] + pair[1].removeprefix(prefix)
+        if merged not in known:  # two pairs can spell the same token: it keeps its first id
+            vocab.append(merged)
+            known.add(merged)
+        changed: set[tuple[str, str]] = set()
+        for index in sorted(pair_words.pop(pair)):
+            word, count = pieces[index], counts[index]
+            for old in itertools.pairwise(word):
+                pair_counts[old] -= count
+                changed.add(old)
+            pieces[index] = word = _merge_pair(word, pair, merged)
+            for new in itertools.pairwise(word):
+                pair_counts[new] += count
+                pair_words[new].add(index)
+                changed.add(new)
+        for key in sorted(changed - {pair}):
+            heapq.heappush(heap, (-pair_counts[key], key))
+        del pair_counts[pair]
+    return vocab
+
+
+def _merge_pair(word: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    """``word`` with every non-overlapping occurrence of ``pair``, left to right, replaced by ``merged``."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
 
 
 def table_texts(tables: Iterable[EntityTable], fields: Iterable[str]) -> Iterator[Any]:
@@ -97,7 +185,7 @@ def build_tokenizers(
 
 
 def build_towers(
-    model: ModelConfig, tokenizer_dir: Path
+    model: ModelConfig, tokenizer_dir: Path, *, seed: int | None = None
 ) -> tuple[OmniSearchSageQueryModel, OmniSearchSageEntityModel | ItemSageModel]:
     """The query tower and the entity tower of a run, in training mode, with their tokenizers attached.
 
@@ -105,7 +193,14 @@ def build_towers(
     scratch, with the WordPiece tokenizer ``build_tokenizers`` wrote); the entity tower is built from
     ``model.entity`` with the vocabulary size of the entity tokenizer. Freezing follows
     ``model.freeze_backbone_embeddings`` and ``model.freeze_backbone_layers``.
+
+    With ``seed``, the random generators (Python, numpy, torch, every CUDA device) are seeded with it
+    first, so the initial weights depend on the seed alone, not on what drew random numbers before
+    (loading a zero-shot encoder to fill a cold passage cache does, a warm cache does not). With None
+    the generators are used as they are.
     """
+    if seed is not None:
+        set_seed(seed)
     entity_tokenizer = OmniSearchSageTokenizer.from_pretrained(tokenizer_dir / ENTITY_TOKENIZER)
     _, entity_class = ENTITY_ARCHITECTURES[model.entity_architecture]
     entity_tower = entity_class(entity_config(model, {"vocab_size": entity_tokenizer.vocab_size}))
@@ -147,6 +242,7 @@ __all__ = [
     "build_towers",
     "entity_config",
     "freeze_backbone",
+    "learn_wordpiece_vocab",
     "table_texts",
     "train_wordpiece_tokenizer",
     "transformer_blocks",

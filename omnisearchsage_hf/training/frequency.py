@@ -9,8 +9,9 @@ ids the catalogue has, at the price of a bounded, one-sided overcount.
 
 Multi-process training: every process must hold identical sketches, so update them with ids gathered
 from all processes (:func:`~omnisearchsage_hf.training.distributed.all_gather_no_grad`) and seed their
-hash functions identically (the default). They are training state, not model weights: save and resume
-them with ``accelerator.register_for_checkpointing`` (they implement ``state_dict``/``load_state_dict``).
+hash functions identically (the default). They are training state, not model weights: checkpoints
+save them as safetensors through their ``state_dict``/``load_state_dict`` (plain tensors only; see
+:mod:`~omnisearchsage_hf.training.checkpoints`).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class CountMinSketch:
         self.total.zero_()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Counters, total and hash parameters, as plain tensors (``torch.load(weights_only=True)``-safe)."""
+        """Counters, total and hash parameters, as plain int64 tensors (safetensors can hold them)."""
         return {"table": self.table, "total": self.total, "hash_a": self.hash_a, "hash_b": self.hash_b}
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -320,8 +321,8 @@ class ConditionalFrequencyEstimator:
 class EstimatorGroup(dict):
     """Named estimators checkpointed as one object: ``{name: estimator}`` with a prefixed ``state_dict``.
 
-    Pass it to ``accelerator.register_for_checkpointing``; ``save_state``/``load_state`` then save and
-    resume every sketch in it (keys like ``"in_batch.table"``, ``"positive.pairs.table"``).
+    A checkpoint saves and resumes every sketch in it through this one object (keys like
+    ``"in_batch.table"``, ``"positive.pairs.table"``).
     """
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@
 One process or many (``accelerate launch --multi_gpu --num_processes 2`` on CPU gives two gloo
 processes): every process reads its own shard of every task (``tasks.pair_indices``), the losses
 gather candidates across processes with gradients, and DDP averages the gradients. Runs are
-resumable: a checkpoint every ``train.save_every`` steps (``accelerator.save_state``, written to a
-temporary folder and renamed when complete), and ``resume=True`` continues from the newest one. Because
+resumable: a checkpoint every ``train.save_every`` steps (safetensors and JSON only, never pickle; written
+to a temporary folder and renamed when complete; ``checkpoints.py`` lists what is saved and how it is
+read), and ``resume=True`` continues from the newest one. Because
 the data order and the learning rate are pure functions of the step, a resumed run reads the same pairs
 the killed run would have read.
 """
@@ -16,8 +17,6 @@ import functools
 import itertools
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from ..devices import has_accelerator
 from ..evaluation import RecallEvaluator
 from .batches import StepBatch, collate
 from .builders import build_tokenizers, build_towers, entity_config, table_texts
+from .checkpoints import Checkpointer
 from .config import TrainingConfig
 from .multitask import MultiTaskModel
 from .pairs import TrainingData, load_training_data
@@ -45,8 +45,6 @@ from .run_files import (
     QUERY_TOWER,
     TOKENIZERS,
     check_run_folder,
-    checkpoint_dir,
-    checkpoint_step,
     clear_run_folder,
     latest_checkpoint,
 )
@@ -200,22 +198,8 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, step: int) -> None:
-        """``accelerator.save_state`` into ``checkpoints/step_N``: written under a temporary name first."""
-        final = checkpoint_dir(self.output_dir, step)
-        partial = final.with_name(final.name + ".partial")
-        self.accelerator.save_state(str(partial), safe_serialization=True)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (partial / "step.json").write_text(json.dumps({"step": step}))
-            if final.exists():  # a checkpoint of this step from an earlier attempt: the new one replaces it
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            kept = sorted(
-                (p for p in final.parent.glob("step_*") if checkpoint_step(p) is not None), key=checkpoint_step
-            )
-            for old in kept[: -self.config.train.keep_checkpoints]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
+        """Write ``checkpoints/step_N`` (see ``checkpoints.py``), keeping the newest ``train.keep_checkpoints``."""
+        self.checkpointer.save(self.output_dir, step, keep=self.config.train.keep_checkpoints)
 
     # ---- the loop --------------------------------------------------------------------------------
     def train(self, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
@@ -255,14 +239,13 @@ class Trainer:
             [{"params": p, "lr": lr, "base_lr": lr, "weight_decay": decay} for p, lr, decay in groups]
         )
         model, optimizer = accelerator.prepare(model, optimizer)
-        for loss in accelerator.unwrap_model(model).losses.values():
-            accelerator.register_for_checkpointing(loss.estimators)
+        estimators = {name: loss.estimators for name, loss in accelerator.unwrap_model(model).losses.items()}
+        self.checkpointer = Checkpointer(accelerator, model, optimizer, estimators)
 
         start = 0
         checkpoint = latest_checkpoint(self.output_dir) if resume else None
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            start = checkpoint_step(checkpoint)
+            start = self.checkpointer.load(checkpoint)
             accelerator.print(f"Resumed from {checkpoint} at step {start}")
         accelerator.init_trackers("tensorboard", config=_flat_scalars(self.config.to_dict()))  # logs/tensorboard
 
