@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, write_text_atomically
 from ..data.tables import file_sha256
-from .batch_inference import check_file_sha256, read_json, read_manifest
+from .folders import check_file_sha256, read_json, read_manifest
 
 MANIFEST = "index.json"
 # Vectors handed to faiss per `add` call: each call is a step of the progress bar (a 1M-entity graph

@@ -30,7 +30,6 @@ resumed run therefore never mixes chunks of two tables or two models.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -39,7 +38,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +48,8 @@ from ..atomic import replace_atomically, write_text_atomically
 from ..data.tables import EntityTable, file_sha256, table_files, table_fingerprint, table_schema
 from ..devices import has_accelerator
 from ..modeling import ItemSageConfig, ItemSageModel, OmniSearchSageEntityConfig, OmniSearchSageEntityModel
+from .chunk_files import CHUNKS, chunk_rows, read_chunk, write_chunk
+from .folders import check_file_sha256, read_json, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ PLAN = "plan.json"
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 IDS = "ids.json"
-CHUNKS = "chunks"
 PROCESSES = "processes"
 # Models whose config lists the table columns they read (`config.input_features()`).
 ENTITY_MODEL_TYPES = (OmniSearchSageEntityConfig.model_type, ItemSageConfig.model_type)
@@ -122,36 +121,6 @@ class EntityEmbeddings:
         return cls(manifest["entity_type"], ids, embeddings)
 
 
-def read_json(path: Path, fix: str) -> Any:
-    """Parse a JSON file of a serving folder; invalid JSON is a ``ValueError`` naming the file and ``fix``."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}). {fix}") from None
-
-
-def read_manifest(path: Path, missing: str) -> dict:
-    """The JSON manifest a serving folder writes last; raises ``FileNotFoundError`` (``missing`` says why) if absent."""
-    if not path.is_file():
-        raise FileNotFoundError(f"No {path.name} in {str(path.parent)!r}: {missing}")
-    manifest = read_json(path, "It is written last by the command that made the folder: run that command again.")
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(manifest).__name__}. Rebuild the folder.")
-    return manifest
-
-
-def check_file_sha256(path: Path, expected: Any, fix: str) -> None:
-    """Raise unless ``path`` exists and its bytes hash to ``expected``, the SHA-256 recorded when it was written."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing. {fix}")
-    actual = file_sha256(path)
-    if actual != expected:
-        raise ValueError(
-            f"{str(path)!r} is not the file that was written there (SHA-256 {actual[:16]}…, recorded "
-            f"{str(expected)[:16]}…): it was truncated, edited or replaced. {fix}"
-        )
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A SHA-256 of what decides a model's embeddings: weights, config and tokenizer.
 
@@ -172,11 +141,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         settings = {key: tokenizer.init_kwargs.get(key) for key in _TOKENIZER_SETTINGS}
         digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
-
-
-def chunk_rows(num_rows: int, chunk_size: int, chunk: int) -> range:
-    """The table rows of chunk number ``chunk``."""
-    return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_rows))
 
 
 def process_state() -> PartialState:
@@ -283,13 +247,13 @@ def embed_entity_table(
 
     model.to(state.device)
     mine = process_chunks(num_chunks, state.process_index, state.num_processes)
-    todo = [chunk for chunk in mine if _read_chunk(output_dir, chunk, plan_id) is None]
+    todo = [chunk for chunk in mine if read_chunk(output_dir, chunk, plan_id) is None]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"Embedding {entity_type} chunks",
                disable=not (show_progress_bar and state.is_main_process))  # fmt: skip
     for chunk in todo:
         rows = chunk_rows(len(entities), chunk_size, chunk)
         vectors = _embed_chunk(model, entities, rows, batch_size)  # (len(rows), dim)
-        _write_chunk(output_dir, chunk, plan_id, np.ascontiguousarray(vectors, dtype=np.float32))
+        write_chunk(output_dir, chunk, plan_id, np.ascontiguousarray(vectors, dtype=np.float32))
         bar.update(1)
     bar.close()
     record = {
@@ -397,35 +361,6 @@ def _check_unchanged(table: str | os.PathLike, version: list[tuple[str, int, int
         )
 
 
-def _chunk_tag(plan_id: str, data: bytes) -> str:
-    """Binds a chunk file's bytes to the plan they were computed under."""
-    return hashlib.sha256(plan_id.encode() + data).hexdigest()[:16]
-
-
-def _write_chunk(output_dir: Path, chunk: int, plan_id: str, vectors: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, vectors, allow_pickle=False)
-    data = buffer.getvalue()
-    path = output_dir / CHUNKS / f"{chunk:06d}-{_chunk_tag(plan_id, data)}.npy"
-    replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _read_chunk(output_dir: Path, chunk: int, plan_id: str) -> np.ndarray | None:
-    """The vectors of ``chunk`` if a file of it was written under this plan and is intact, else None.
-
-    Any other file of the chunk (truncated, edited, of another plan) is removed with a warning.
-    """
-    found = None
-    for path in sorted((output_dir / CHUNKS).glob(f"{chunk:06d}-*.npy")):
-        data = path.read_bytes()
-        if found is None and path.stem.split("-", 1)[1] == _chunk_tag(plan_id, data):
-            found = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            logger.warning("%r is not an intact chunk of this run (corrupt or copied in); recomputing it.", str(path))
-            path.unlink()
-    return found
-
-
 def _write_json(path: Path, content: dict) -> None:
     write_text_atomically(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
@@ -484,7 +419,7 @@ def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict, plan_i
     def write_embeddings(tmp: str) -> None:
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), dim))
         for chunk in range(num_chunks):
-            vectors = _read_chunk(output_dir, chunk, plan_id)
+            vectors = read_chunk(output_dir, chunk, plan_id)
             if vectors is None:
                 missing.append(chunk)
                 continue
@@ -508,12 +443,8 @@ def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict, plan_i
 __all__ = [
     "ENTITY_MODEL_TYPES",
     "EntityEmbeddings",
-    "check_file_sha256",
-    "chunk_rows",
     "embed_entity_table",
     "model_fingerprint",
     "process_chunks",
     "process_state",
-    "read_json",
-    "read_manifest",
 ]
