@@ -265,7 +265,6 @@ def _train(output_dir: Path, *flags: str, hash_seed: int = 0) -> subprocess.Comp
     command += ["--output_dir", str(output_dir), "--no-example", *overrides, *flags]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "PYTHONHASHSEED": str(hash_seed),
         "TRANSFORMERS_VERBOSITY": "error",
         "TQDM_DISABLE": "1",

@@ -58,7 +58,9 @@ class HashEmbeddingBag(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         rows = self.bucket_table[input_ids].reshape(-1)  # (num_tokens * num_hashes,)
-        weights = self.importance[input_ids].reshape(-1)  # (num_tokens * num_hashes,)
+        # F.embedding, not indexing: its backward adds duplicate ids in a fixed order on every thread count,
+        # so two runs with one seed train the same weights.
+        weights = F.embedding(input_ids, self.importance).reshape(-1)  # (num_tokens * num_hashes,)
         return F.embedding_bag(
             rows, self.weight, offsets * self.num_hashes, mode="sum", per_sample_weights=weights.to(self.weight.dtype)
         )  # (num_bags, embedding_dim)

@@ -138,7 +138,7 @@ class SampledSoftmaxLoss(nn.Module):
     Distributed: ``forward`` is a collective (every process calls it, same order, same ``B`` and ``M``, and
     ``negative_log_q`` given on all processes or none). Random negatives stay local to their process. The
     sketches are updated (in training mode only) with ids gathered from all processes, so they stay
-    identical everywhere; register ``loss.estimators`` with ``accelerator.register_for_checkpointing``.
+    identical everywhere; checkpoint ``loss.estimators`` with the training state (``checkpoints.py`` does).
     ``logit_scale`` is a parameter: optimise it, and keep its gradient synchronised (e.g. hold the loss
     inside the module that DDP wraps).
 
