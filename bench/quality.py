@@ -137,15 +137,20 @@ def backbone(name: str) -> str:
     ).stdout.strip()
 
 
-def train(dataset: str, variant: str, runs_dir: Path, log_dir: Path) -> tuple[Path, float | None]:
-    """Train one variant with ``training/train.py`` unless its run is already finished; return its folder."""
+def train(
+    dataset: str, variant: str, runs_dir: Path, log_dir: Path, overrides: dict[str, Any] | None = None
+) -> tuple[Path, float | None]:
+    """Train one variant with ``training/train.py`` unless its run is already finished; return its folder.
+
+    ``overrides`` (dotted keys) default to the variant's entry in ``VARIANTS``.
+    """
     output = runs_dir / dataset / variant
     if (output / "metrics.json").is_file() and (output / "query_tower").is_dir():
         seconds = output / "training_seconds.txt"
         return output, float(seconds.read_text()) if seconds.is_file() else None
     command = [sys.executable, str(ROOT / "training" / "train.py"), "--config", str(config_path(dataset))]
     command += ["--output_dir", str(output)]
-    overrides = dict(VARIANTS[dataset][variant])
+    overrides = dict(VARIANTS[dataset][variant] if overrides is None else overrides)
     if dataset == "amazon_pqa":  # the MiniLM folder sits inside its package, so the config cannot name it
         overrides |= {"model.backbone": backbone("minilm"), "data.options.compat_encoder": backbone("minilm")}
     for key, value in overrides.items():

@@ -10,7 +10,7 @@ resumed run collates exactly what the killed run would have.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,11 +56,13 @@ class TaskBatch:
 class StepBatch:
     """Everything one micro-step needs: tokenized query-tower inputs, entity inputs, and per-task rows.
 
-    ``query_inputs`` is None when no task of the step has text on the query side.
+    The tower inputs come in chunks of consecutive rows (one chunk unless gradient caching splits the
+    step, see ``gradient_cache.py``); a tower's output is the concatenation of its chunks' outputs, and
+    ``TaskBatch`` rows index that concatenation. A list is empty when no task of the step needs the tower.
     """
 
-    query_inputs: dict[str, torch.Tensor] | None
-    entity_inputs: dict[str, Any] | None
+    query_chunks: list[dict[str, torch.Tensor]]
+    entity_chunks: list[dict[str, Any]]
     tasks: dict[str, TaskBatch]
 
     def to(self, device: torch.device) -> StepBatch:
@@ -69,11 +71,13 @@ class StepBatch:
                 return value.to(device)
             if isinstance(value, dict):
                 return {k: move(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [move(v) for v in value]
             if isinstance(value, TaskBatch):
                 return TaskBatch(**{k: move(getattr(value, k)) for k in value.__dataclass_fields__})
             return value
 
-        return StepBatch(move(self.query_inputs), move(self.entity_inputs), move(self.tasks))
+        return StepBatch(move(self.query_chunks), move(self.entity_chunks), move(self.tasks))
 
 
 def collate(
@@ -87,6 +91,7 @@ def collate(
     entity_tower: OmniSearchSageEntityModel,
     rank: int = 0,
     world_size: int = 1,
+    chunk_size: int | None = None,
 ) -> StepBatch:
     """The pairs, negatives and tower inputs process ``rank`` uses at ``micro_step``.
 
@@ -98,6 +103,8 @@ def collate(
         seed: The run's seed.
         query_tower, entity_tower: Tokenize the query texts and prepare the entity rows.
         rank, world_size: This process and the number of processes.
+        chunk_size: Rows per tower input chunk (each chunk is tokenized and padded on its own); None
+            gives each tower one chunk.
     """
     query_texts: list[str] = []
     entity_rows: list[dict[str, Any]] = []
@@ -154,9 +161,17 @@ def collate(
             if len(negatives):
                 batch.compat_negatives = torch.from_numpy(table.dense(feature, negatives, dim))
         batches[task.name] = batch
-    entity_inputs = entity_tower.prepare_inputs(entity_rows) if entity_rows else None
-    query_inputs = query_tower.tokenize(query_texts) if query_texts else None
-    return StepBatch(query_inputs, entity_inputs, batches)
+    return StepBatch(
+        _chunks(query_tower.tokenize, query_texts, chunk_size),
+        _chunks(entity_tower.prepare_inputs, entity_rows, chunk_size),
+        batches,
+    )
+
+
+def _chunks(prepare: Callable[[list], dict[str, Any]], rows: list, chunk_size: int | None) -> list[dict[str, Any]]:
+    """``prepare`` applied to consecutive slices of ``rows`` of ``chunk_size`` (all rows when None)."""
+    size = chunk_size or max(len(rows), 1)
+    return [prepare(rows[start : start + size]) for start in range(0, len(rows), size)]
 
 
 __all__ = ["StepBatch", "TaskBatch", "collate"]

@@ -214,6 +214,10 @@ class TrainConfig:
     Args:
         batch_size: Pairs per process and optimizer micro-step, split across tasks by share.
         gradient_accumulation_steps: Micro-steps per optimizer step.
+        gradient_cache_chunk_size: Rows per tower pass with gradient caching (``gradient_cache.py``): the
+            towers embed a micro-step's rows in chunks of this size without a graph, the loss runs over
+            the whole global batch, and each chunk is re-run to backpropagate. Activation memory then
+            depends on the chunk, not the batch, for about a third more compute. None (default): off.
         max_steps: Optimizer steps.
         learning_rate, weight_decay, warmup_steps, max_grad_norm: AdamW with linear warmup, cosine decay
             to zero, and gradient clipping.
@@ -227,6 +231,7 @@ class TrainConfig:
 
     batch_size: int = 64
     gradient_accumulation_steps: int = 1
+    gradient_cache_chunk_size: int | None = None
     max_steps: int = 1000
     learning_rate: float = 5e-5
     entity_learning_rate: float | None = None
@@ -348,6 +353,12 @@ def validate_config(config: TrainingConfig) -> None:
     for name in ("batch_size", "gradient_accumulation_steps", "max_steps"):
         if not isinstance(getattr(train, name), int) or getattr(train, name) < 1:
             raise ValueError(f"`train.{name}` must be a positive int, got {getattr(train, name)!r}.")
+    chunk = train.gradient_cache_chunk_size
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(
+            "`train.gradient_cache_chunk_size` must be a positive int (rows per tower pass) or null (off), "
+            f"got {chunk!r}."
+        )
     if not config.data.tasks:
         raise ValueError("`data.tasks` is empty: declare at least one task (name, candidate, share).")
     names = [task.name for task in config.data.tasks]

@@ -9,6 +9,7 @@ in a single process without ``torch.distributed`` set up, where it is the identi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,46 @@ def all_gather_no_grad(tensor: torch.Tensor, *, check_shapes: bool = True) -> to
     return torch.cat(parts, dim=0)  # (world_size * n, ...)
 
 
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], *, bucket_elements: int = 2**24) -> None:
+    """Average every parameter's ``.grad`` over the processes, in place: what DDP does during backward.
+
+    For backward passes that do not go through the DDP wrapper (gradient caching re-runs the towers
+    chunk by chunk, see ``gradient_cache.py``), this is the one synchronisation per optimizer step. A
+    collective: every process passes the same parameters in the same order. A parameter without a
+    gradient on some process counts as zero there (it is given a zero ``.grad``), so the buckets line up.
+
+    Args:
+        parameters: The parameters that require gradients.
+        bucket_elements: Gradients are copied into flat buckets of about this many elements per
+            all-reduce (fewer collectives, bounded extra memory).
+    """
+    if not is_distributed():
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    world_size = dist.get_world_size()
+    bucket: list[torch.nn.Parameter] = []
+
+    def flush() -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])  # (bucket elements,)
+        dist.all_reduce(flat)
+        flat /= world_size
+        start = 0
+        for p in bucket:
+            p.grad.copy_(flat[start : start + p.numel()].view_as(p.grad))
+            start += p.numel()
+        bucket.clear()
+
+    for param in params:
+        if bucket and (param.grad.dtype != bucket[0].grad.dtype or sum(p.numel() for p in bucket) >= bucket_elements):
+            flush()
+        bucket.append(param)
+    if bucket:
+        flush()
+
+
 def _check_same_shape(tensor: torch.Tensor, caller: str) -> None:
     """Raise the same ValueError on every process if ``tensor``'s shape differs between processes."""
     if tensor.ndim > _MAX_GATHER_DIMS:
@@ -113,4 +154,11 @@ def _check_same_shape(tensor: torch.Tensor, caller: str) -> None:
         )
 
 
-__all__ = ["all_gather_no_grad", "all_gather_with_grad", "get_rank", "get_world_size", "is_distributed"]
+__all__ = [
+    "all_gather_no_grad",
+    "all_reduce_gradients",
+    "all_gather_with_grad",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+]

@@ -71,13 +71,25 @@ class MultiTaskModel(nn.Module):
             if self.task_kinds[task.name] == "compat"
         }
 
+    def embed(self, batch: StepBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The step's query-tower and entity-tower outputs, chunk by chunk, concatenated (None: no rows)."""
+        return tower_embeddings(self.query_tower, batch.query_chunks), tower_embeddings(
+            self.entity_tower, batch.entity_chunks
+        )
+
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        query_out = (
-            self.query_tower(**batch.query_inputs).embeddings if batch.query_inputs is not None else None
-        )  # (num_query_rows, out_dim)
-        entity_out = (
-            self.entity_tower(**batch.entity_inputs).embeddings if batch.entity_inputs is not None else None
-        )  # (num_entity_rows, out_dim)
+        return self.score(batch, *self.embed(batch))
+
+    def score(
+        self, batch: StepBatch, query_out: torch.Tensor | None, entity_out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every task's loss from the towers' outputs (``embed``), summed; with per-part losses for logging.
+
+        Args:
+            batch: The step's rows.
+            query_out: ``(num_query_rows, out_dim)`` query-tower output, or None.
+            entity_out: ``(num_entity_rows, out_dim)`` entity-tower output, or None.
+        """
         total = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         for name, task in batch.tasks.items():
@@ -110,4 +122,12 @@ class MultiTaskModel(nn.Module):
         return total, parts
 
 
-__all__ = ["MultiTaskModel"]
+def tower_embeddings(tower: nn.Module, chunks: Sequence[Mapping[str, object]]) -> torch.Tensor | None:
+    """``tower``'s embeddings of every chunk of inputs, concatenated in order; None without chunks."""
+    if not chunks:
+        return None
+    outputs = [tower(**chunk).embeddings for chunk in chunks]  # each (chunk_rows, out_dim)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (num_rows, out_dim)
+
+
+__all__ = ["MultiTaskModel", "tower_embeddings"]

@@ -8,7 +8,8 @@ trainer. A run folder holds:
 - ``metrics.json``: the final evaluation metrics, written at the end;
 - ``checkpoints/step_N/``: resumable training state (``step_N.partial`` while being written);
 - ``tokenizers/``: the tokenizers built for the run; ``data/``: prepared data sources and caches;
-- ``logs/``: TensorBoard logs.
+- ``logs/``: TensorBoard logs, and ``logs/history.jsonl``: one JSON line per logged step (the losses at
+  full precision, then the evaluation metrics; a resumed run appends, so the last line of a step wins).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CHECKPOINTS = "checkpoints"
 TOKENIZERS = "tokenizers"
 DATA = "data"
 LOGS = "logs"
+HISTORY_FILE = "history.jsonl"  # under LOGS
 # What a run writes besides `data/` (prepared sources, reusable by the next run): `--overwrite` removes these.
 RUN_OUTPUTS = (CHECKPOINTS, TOKENIZERS, LOGS, QUERY_TOWER, ENTITY_TOWER, METRICS_FILE, CONFIG_FILE)
 
@@ -101,6 +103,7 @@ def read_run_config(output_dir: str | os.PathLike) -> TrainingConfig | None:
 __all__ = [
     "CHECKPOINTS",
     "CONFIG_FILE",
+    "HISTORY_FILE",
     "DATA",
     "LOGS",
     "RUN_OUTPUTS",

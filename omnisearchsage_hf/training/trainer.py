@@ -34,12 +34,15 @@ from .batches import StepBatch, collate
 from .builders import build_tokenizers, build_towers, entity_config, table_texts
 from .checkpoints import Checkpointer
 from .config import TrainingConfig
+from .distributed import all_reduce_gradients
+from .gradient_cache import cached_backward
 from .multitask import MultiTaskModel
 from .pairs import TrainingData, load_training_data
 from .run_files import (
     CONFIG_FILE,
     DATA,
     ENTITY_TOWER,
+    HISTORY_FILE,
     LOGS,
     METRICS_FILE,
     QUERY_TOWER,
@@ -136,6 +139,7 @@ class Trainer:
             entity_tower=self.entity_tower,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
+            chunk_size=self.config.train.gradient_cache_chunk_size,
         )
 
     def _build_towers(self) -> None:
@@ -156,7 +160,8 @@ class Trainer:
                 model, tokenizer_dir, entity_texts=table_texts(data.tables.values(), fields), query_texts=query_texts
             )
         )
-        self.query_tower, self.entity_tower = build_towers(model, tokenizer_dir)
+        # Seeded here: a cold zero-shot passage cache consumes random draws before the towers exist.
+        self.query_tower, self.entity_tower = build_towers(model, tokenizer_dir, seed=self.config.train.seed)
 
     def evaluate(self) -> dict[str, float]:
         """Recall@K of every task with held-out pairs (main process; the towers in eval mode)."""
@@ -266,13 +271,12 @@ class Trainer:
             totals: dict[str, float] = {}
             for micro in range(train.gradient_accumulation_steps):
                 batch = self.collate(step * train.gradient_accumulation_steps + micro).to(accelerator.device)
-                sync = micro == train.gradient_accumulation_steps - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        loss, parts = model(batch)
-                    accelerator.backward(loss / train.gradient_accumulation_steps)
-                for key, value in {"loss": loss.detach(), **parts}.items():
+                last = micro == train.gradient_accumulation_steps - 1
+                loss, parts = self._micro_step(model, batch, sync=last)
+                for key, value in {"loss": loss, **parts}.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / train.gradient_accumulation_steps
+            if train.gradient_cache_chunk_size is not None:  # the towers ran outside DDP: average by hand
+                all_reduce_gradients(model.parameters())
             if train.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
             optimizer.step()
@@ -295,6 +299,7 @@ class Trainer:
                 progress.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if "/" not in k})
                 if accelerator.is_main_process:  # through the bar, so the line is not glued onto it
                     progress.write(json.dumps({"step": done, **{k: round(v, 4) for k, v in logged.items()}}))
+                    self._append_history({"step": done, **logged})
             if train.eval_every and done % train.eval_every == 0 and done < train.max_steps:
                 self._evaluate_and_log(done)
             if train.save_every and done % train.save_every == 0 and done < train.max_steps:
@@ -304,6 +309,22 @@ class Trainer:
         accelerator.end_training()
         return metrics
 
+    def _micro_step(self, model: torch.nn.Module, batch: StepBatch, *, sync: bool) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one micro-step; gradients accumulate in ``.grad``; returns the losses."""
+        accelerator, steps = self.accelerator, self.config.train.gradient_accumulation_steps
+        if self.config.train.gradient_cache_chunk_size is not None:
+            return cached_backward(
+                accelerator.unwrap_model(model),
+                batch,
+                backward=lambda loss: accelerator.backward(loss / steps),
+                autocast=accelerator.autocast,
+            )
+        with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss, parts = model(batch)
+            accelerator.backward(loss / steps)
+        return loss.detach(), parts
+
     def _evaluate_and_log(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.accelerator.is_main_process and self.data.eval_pairs:
@@ -312,8 +333,16 @@ class Trainer:
             self.entity_tower.train()
             self.accelerator.log(metrics, step=step)
             tqdm.write(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
+            self._append_history({"step": step, **metrics})
         self.accelerator.wait_for_everyone()
         return metrics
+
+    def _append_history(self, record: dict[str, float]) -> None:
+        """One line of ``logs/history.jsonl`` (main process): logged values at full precision."""
+        path = self.output_dir / LOGS / HISTORY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def _export(self, metrics: dict[str, float]) -> None:
         """Save the trained towers (with their tokenizers) and the final metrics under ``output_dir``."""
