@@ -399,9 +399,9 @@ def _head(length: int | None, extra: str = "") -> bytes:
         (_head(100_000_000), b"", "HTTP/1.1 413 Request Entity Too Large", (0, 0.4)),  # refused before the body
         (_head(None) + b"7d0\r\n" + b"x" * 2000 + b"\r\n", b"", "HTTP/1.1 413 Request Entity Too Large", (0, 0.4)),
         (_head(2, f"x-big: {'a' * 3000}\r\n") + b"{}", b"", "HTTP/1.1 431 Request Header Fields Too Large", (0, 0.4)),
-        (b"", b"", "HTTP/1.1 408 Request Timeout", (0.45, 1.0)),  # opens and sends nothing
-        (b"POST /embed/query HTTP/1.1\r\n", b"x-slow: " + b"a" * 100, "HTTP/1.1 408 Request Timeout", (0.45, 1.0)),
-        (_head(100) + b'{"query"', b"x" * 100, "HTTP/1.1 408 Request Timeout", (0.45, 1.0)),  # a slow body
+        (b"", b"", "HTTP/1.1 408 Request Timeout", (0.45, 1.5)),  # opens and sends nothing
+        (b"POST /embed/query HTTP/1.1\r\n", b"x-slow: " + b"a" * 100, "HTTP/1.1 408 Request Timeout", (0.45, 1.5)),
+        (_head(100) + b'{"query"', b"x" * 100, "HTTP/1.1 408 Request Timeout", (0.45, 1.5)),  # a slow body
     ],
     ids=["content-length", "chunked", "header", "silent", "slow-headers", "slow-body"],
 )
