@@ -1,6 +1,6 @@
 """Batch entity inference: output equals `encode`, resume after an interruption, process split, plan checks, and
 the `omnisearchsage-embed` command (a wrong model folder, two processes under `accelerate launch`, no datasets
-cache). Corrupted tables, folders and indexes are in test_integrity_tables.py."""
+cache). Corrupted tables, folders and indexes are in test_integrity.py."""
 
 import json
 import os

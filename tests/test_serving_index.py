@@ -82,7 +82,7 @@ def test_save_load_roundtrip(index, data, tmp_path):
     loaded = EntityIndex.load(tmp_path / "idx")
     manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert manifest["sizes"] == {"pin": 3000, "product": 500} and manifest["recall_at_10"] == index.recall_at_10
-    # Every other file of the folder, with the SHA-256 the load checks (corruptions: test_integrity_tables.py).
+    # Every other file of the folder, with the SHA-256 the load checks (corruptions: test_integrity.py).
     files = sorted(p.name for p in (tmp_path / "idx").iterdir() if p.name != "index.json")
     assert sorted(manifest["files"]) == files == ["pin.faiss", "pin.ids.json", "product.faiss", "product.ids.json"]
     assert all(len(digest) == 64 for digest in manifest["files"].values())
