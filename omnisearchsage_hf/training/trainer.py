@@ -2,12 +2,15 @@
 
 One process or many (``accelerate launch --multi_gpu --num_processes 2`` on CPU gives two gloo
 processes): every process reads its own shard of every task (``tasks.pair_indices``), the losses
-gather candidates across processes with gradients, and DDP averages the gradients. Runs are
-resumable: a checkpoint every ``train.save_every`` steps (safetensors and JSON only, never pickle; written
-to a temporary folder and renamed when complete; ``checkpoints.py`` lists what is saved and how it is
-read), and ``resume=True`` continues from the newest one. Because
-the data order and the learning rate are pure functions of the step, a resumed run reads the same pairs
-the killed run would have read.
+gather candidates across processes with gradients, and DDP averages the gradients (so P processes with
+a batch of B/P each compute the update of one process with B). With ``train.gradient_cache_chunk_size``
+the towers run in chunks outside DDP (``gradient_cache.py``) and the gradients are averaged once per
+step by ``distributed.all_reduce_gradients``. Runs are resumable: a checkpoint every
+``train.save_every`` steps (safetensors and JSON only, never pickle; written to a temporary folder and
+renamed when complete; ``checkpoints.py`` lists what is saved and how it is read), and ``resume=True``
+continues from the newest one. Because the data order and the learning rate are pure functions of the
+step, a resumed run reads the same pairs the killed run would have read. Logged values go to the
+progress bar, TensorBoard and ``logs/history.jsonl``.
 """
 
 from __future__ import annotations
