@@ -27,6 +27,8 @@ from omnisearchsage_hf.training.sources import SOURCE_MARKER, prepare_real_sourc
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (ROOT / "xquad_r").is_dir(), reason=f"real data not found under {ROOT}")
 
+DEV_ARTICLES = (6, 13, 21, 28, 36, 43)  # every fifth train article, with `dev_split`
+SPLITS = ("train", "dev", "test")
 # Counted from the files; the data README says "about 1,200 per language (852 for th)".
 SENTENCES_PER_LANGUAGE = {
     "ar": 1222, "de": 1276, "el": 1234, "en": 1180, "es": 1215, "hi": 1244,
@@ -142,6 +144,46 @@ def test_translation_pairs_join_one_question_in_two_languages(xquad, xquad_table
     train = [q for q in xquad.questions if q["split"] == "train"]
     assert xquad_r.translation_pairs(train, seed=0) == pairs
     assert xquad_r.translation_pairs(train, seed=1) != pairs
+
+
+def test_xquad_dev_split_is_carved_from_train_articles_only(xquad):
+    assert [a for a in range(48) if xquad_r.article_split(a, dev_split=True) == "dev"] == list(DEV_ARTICLES)
+    assert [xquad_r.article_split(a) for a in range(48)] == ["test" if a % 3 == 2 else "train" for a in range(48)]
+    split = load_xquad_r(ROOT, dev_split=True)
+
+    def articles(data, language, name):
+        return {s["id"].split("/")[1] for s in data.sentences if s["language"] == language and s["split"] == name}
+
+    def question_keys(data, name):
+        return {(q["id"], q["language"], q["gold_id"]) for q in data.questions if q["split"] == name}
+
+    for language in LANGUAGES:
+        train, dev = articles(split, language, "train"), articles(split, language, "dev")
+        assert dev == {str(a) for a in DEV_ARTICLES} and not train & dev
+        assert train | dev == articles(xquad, language, "train")
+        assert articles(split, language, "test") == articles(xquad, language, "test")
+    train, dev = question_keys(split, "train"), question_keys(split, "dev")
+    assert not train & dev and train | dev == question_keys(xquad, "train")
+    assert question_keys(split, "test") == question_keys(xquad, "test")
+    counts = collections.Counter((q["language"], q["split"]) for q in split.questions)
+    assert all(counts[(language, "dev")] == 155 for language in LANGUAGES)
+    # A question's translations share its article, so no question id is both dev and train.
+    assert not {key[0] for key in train} & {key[0] for key in dev}
+
+
+def test_xquad_dev_pairs_are_written_and_kept_out_of_training(tmp_path):
+    languages = ["en", "zh"]
+    prepare_real_source("xquad_r", ROOT, tmp_path, {"dev_split": True, "languages": languages}, show_progress_bar=False)
+    pairs = {split: pq.read_table(tmp_path / f"pairs/query_sentence_{split}.parquet").to_pylist() for split in SPLITS}
+    translations = pq.read_table(tmp_path / "pairs/query_query_train.parquet").to_pylist()
+    default = build_xquad_r_tables(ROOT, languages=languages, show_progress_bar=False)
+    assert pairs["test"] == default["pairs/query_sentence_test.parquet"].to_pylist()
+    old_train = default["pairs/query_sentence_train.parquet"].to_pylist()
+    assert len(pairs["dev"]) == 155 * len(languages) and len(pairs["train"]) + len(pairs["dev"]) == len(old_train)
+    assert sorted(map(str, pairs["train"] + pairs["dev"])) == sorted(map(str, old_train))
+    assert {int(p["candidate_id"].split("/")[1]) for p in pairs["dev"]} == set(DEV_ARTICLES)
+    dev_ids = {p["question_id"] for p in pairs["dev"]}
+    assert not dev_ids & {p["question_id"] for p in pairs["train"] + translations}
 
 
 def test_ranks_of_relevant_count_other_relevant_rows_and_ties_against():
@@ -300,13 +342,68 @@ def test_product_fields(epqa_tables):
     assert attribute_text('color:  { value:"white" }') == "color: white"
     nested = "display:  { size:[ { unit:inches, value:13 } ] }"
     assert attribute_text(nested) == nested
-    strict = {p["id"]: p for p in build_epqa_tables(ROOT, test_question_snippets=False)["products.parquet"].to_pylist()}
-    for full in epqa_tables["products.parquet"]:
+    leaky = {p["id"]: p for p in build_epqa_tables(ROOT, test_question_snippets=True)["products.parquet"].to_pylist()}
+    for product in epqa_tables["products.parquet"]:  # the default catalogue is the leak-free one
         for field in ("bullet", "attribute"):
-            assert set(strict[full["id"]][field]) <= set(full[field])
-    assert sum(map(len, (p["bullet"] for p in strict.values()))) < sum(
-        map(len, (p["bullet"] for p in epqa_tables["products.parquet"]))
+            assert set(product[field]) <= set(leaky[product["id"]][field])
+    assert sum(map(len, (p["bullet"] for p in epqa_tables["products.parquet"]))) < sum(
+        map(len, (p["bullet"] for p in leaky.values()))
     )
+
+
+def _chosen_snippets(epqa_rows, **split_options):
+    """``(asin, field, text)`` → the splits of the questions whose candidates include that snippet."""
+    chosen = collections.defaultdict(set)
+    for row in epqa_rows:
+        text = row["candidate"].strip()
+        if row["source"] in ("description", "bullet", "attribute") and text:
+            text = attribute_text(text) if row["source"] == "attribute" else text
+            chosen[(row["ASIN"], row["source"], text)].add(epqa_split(row["qid"], **split_options))
+    return chosen
+
+
+@pytest.mark.parametrize("dev_split", [False, True])
+def test_leak_free_catalogue_drops_the_snippets_chosen_for_held_out_questions(epqa_rows, dev_split):
+    chosen = _chosen_snippets(epqa_rows, dev_split=dev_split)
+    # Snippets chosen only for held-out questions (long ones: short texts can recur inside others).
+    held_out = {key for key, splits in chosen.items() if "train" not in splits and len(key[2]) >= 20}
+    options = {"dev_split": dev_split, "engaged_queries": False}
+    leaky = {p["id"]: p for p in load_epqa(ROOT, test_question_snippets=True, **options).products}
+    free = {p["id"]: p for p in load_epqa(ROOT, **options).products}
+
+    def present(products, asin, field, text):
+        value = products[asin][field]
+        return text in value if field != "description" else value is not None and text in value
+
+    assert len(held_out) > 100 and all(present(leaky, *key) for key in held_out)
+    assert not [key for key in held_out if present(free, *key)]
+    for asin, product in free.items():  # the lists hold exactly the snippets of train questions
+        for field in ("bullet", "attribute"):
+            expected = {
+                text for (a, f, text), splits in chosen.items() if (a, f) == (asin, field) and "train" in splits
+            }
+            assert set(product[field]) == expected
+
+
+def test_epqa_dev_split_holds_out_a_fifth_of_the_train_questions(epqa_rows):
+    default, split = load_epqa(ROOT), load_epqa(ROOT, dev_split=True)
+
+    def qids(data, name):
+        return {q["qid"] for q in data.questions if q["split"] == name}
+
+    assert len(qids(split, "dev")) == 133 and not qids(split, "dev") & qids(split, "train")
+    assert qids(split, "dev") | qids(split, "train") == qids(default, "train")
+    assert qids(split, "test") == qids(default, "test")
+    dev_questions = {q["question"] for q in split.questions if q["split"] == "dev"}
+    train_questions = {q["question"] for q in split.questions if q["split"] == "train"}
+    engaged = {text for p in split.products for text in p["engaged_queries"]}
+    assert engaged == train_questions and dev_questions - train_questions  # a dev question is not engaged
+    assert not (dev_questions - train_questions) & engaged
+    tables = build_epqa_tables(ROOT, dev_split=True)
+    for name in ("train", "dev", "test"):
+        pairs = tables[f"pairs/query_product_{name}.parquet"].to_pylist()
+        assert {p["question_id"] for p in pairs} == qids(split, name)
+    assert "pairs/query_product_dev.parquet" not in build_epqa_tables(ROOT)
 
 
 def test_evaluate_epqa_with_hashing_and_oracle_encoders():
@@ -337,11 +434,16 @@ def test_prepare_source_writes_once_with_a_marker_last(tmp_path):
     data_dir = tmp_path / "data"
     prepare_source(config, data_dir)
     marker = json.loads((data_dir / SOURCE_MARKER).read_text())
-    assert marker["options"] == {"engaged_queries": False} and marker["rows"]["products.parquet"] == 888
+    # The builder's defaults are recorded too, so a folder prepared before a default changed is rebuilt.
+    assert set(marker["options"]) == set(source_options("amazon_pqa"))
+    assert marker["options"]["engaged_queries"] is False and marker["options"]["test_question_snippets"] is False
+    assert marker["rows"]["products.parquet"] == 888
     files = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file())
     assert files == sorted([*marker["files"], SOURCE_MARKER])  # no temp files left behind
     assert "engaged_queries" not in pq.read_schema(data_dir / "products.parquet").names
     assert not prepare_real_source("amazon_pqa", ROOT, data_dir, {"engaged_queries": False})
+    (data_dir / SOURCE_MARKER).write_text(json.dumps(marker | {"options": {"engaged_queries": False}}))
+    assert prepare_real_source("amazon_pqa", ROOT, data_dir, {"engaged_queries": False})  # recorded without defaults
     (data_dir / SOURCE_MARKER).unlink()  # as if killed before the end: redone
     assert prepare_real_source("amazon_pqa", ROOT, data_dir, {"engaged_queries": False})
     assert prepare_real_source("amazon_pqa", ROOT, data_dir, {})  # other options: redone

@@ -4,19 +4,23 @@ ePQA (``amazon_pqa/ePQA/dev.csv``) holds 977 questions about 888 products; each 
 with one evidence snippet of its product (``source`` ∈ description, bullet, attribute, cqa, review).
 It becomes OmniSearchSage's query→product task: the product catalogue is built from the snippets, and
 the gold candidate of a question is its product (ASIN). Questions are split by a fixed hash of their
-``qid`` (``md5 % 3 == 0`` is test: 304 of 977). ``load_epqa`` reads the file into rows;
-``build_epqa_tables`` returns the tables of the training source. The benchmark that scores trained
+``qid`` (``md5 % 3 == 0`` is test: 304 of 977); with ``dev_split=True`` one train question in five
+(133) is held out as ``"dev"`` for model selection (see ``epqa_split``). ``load_epqa`` reads the file
+into rows; ``build_epqa_tables`` returns the tables of the training source. The benchmark that scores trained
 towers on them is ``omnisearchsage_hf.evaluation.benchmarks.evaluate_epqa``.
 
 Product fields (the entity tower's text fields):
 
 - ``title``, always.
 - ``description`` (the description snippets joined), ``bullet`` and ``attribute`` (lists): catalogue text.
-  The snippets were picked per question, so by default those picked for test questions are kept too (they
-  are the product's own text); ``test_question_snippets=False`` drops them for a leak-free ablation.
+  ePQA holds no catalogue of its own: each snippet is a candidate retrieved *for* one question, so a
+  snippet picked for a held-out question is evidence of relevance to that question, and keeping it would
+  leak that relevance to every system scored on it. So by default (the leak-free catalogue) a product
+  keeps only the snippets picked for train questions; ``test_question_snippets=True`` also keeps those of
+  the held-out (test, and dev) questions: the *leaky* catalogue the results before this option used.
 - ``engaged_queries``: the product's *train* questions (the paper's engaged-queries enrichment, computed by
   ``omnisearchsage_hf.enrichment.engaged_queries_from_pairs``: each question one engagement, top 20), off
-  with ``engaged_queries=False``. A test question never appears in any product.
+  with ``engaged_queries=False``. A test (or dev) question never appears in any product.
 - ``cqa`` and ``review`` snippets are never used, for any question: they are other customers' questions,
   answers and reviews retrieved *for* a question, not catalogue text.
 
@@ -45,14 +49,23 @@ from .encoders import passage_embeddings
 TEXT_FIELDS = ("title", "description", "bullet", "attribute", "engaged_queries")
 CATALOGUE_SOURCES = ("description", "bullet", "attribute")
 CATALOGUE_FIELDS = ("title", *CATALOGUE_SOURCES)  # a product's own text, without engaged queries
-Split = Literal["train", "test"]
+Split = Literal["train", "dev", "test"]
+DEV_BUCKETS = 5  # with the dev split on, one bucket in five of the train questions is dev
 # `color:  { value:"white" }` → `color: white`; nested attribute values are kept verbatim.
 _SIMPLE_ATTRIBUTE = re.compile(r'^\s*([^:{}]+?):\s*\{\s*value:"?([^{}"]*)"?\s*\}\s*$')
 
 
-def epqa_split(qid: int | str) -> Split:
-    """``"test"`` when ``int(md5(str(qid)), 16) % 3 == 0``, else ``"train"``: stable across runs and machines."""
-    return "test" if int(hashlib.md5(str(qid).encode()).hexdigest(), 16) % 3 == 0 else "train"
+def epqa_split(qid: int | str, *, dev_split: bool = False) -> Split:
+    """The split of question ``qid``, from ``h = int(md5(str(qid)), 16)``: stable across runs and machines.
+
+    ``"test"`` when ``h % 3 == 0``, else ``"train"``; with ``dev_split``, a train question with
+    ``(h // 3) % 5 == 0`` is ``"dev"`` instead (133 of the 673). ``h // 3`` is independent of ``h % 3``,
+    and the test questions never change.
+    """
+    h = int(hashlib.md5(str(qid).encode()).hexdigest(), 16)
+    if h % 3 == 0:
+        return "test"
+    return "dev" if dev_split and (h // 3) % DEV_BUCKETS == 0 else "train"
 
 
 def attribute_text(snippet: str) -> str:
@@ -75,13 +88,23 @@ class EPQA:
     products: list[dict[str, Any]]
 
 
-def load_epqa(root: str | Path, *, engaged_queries: bool = True, test_question_snippets: bool = True) -> EPQA:
+def load_epqa(
+    root: str | Path,
+    *,
+    engaged_queries: bool = True,
+    test_question_snippets: bool = False,
+    dev_split: bool = False,
+) -> EPQA:
     """Read ``<root>/amazon_pqa/ePQA/dev.csv`` into questions and a product table.
 
     Args:
         root: Folder of the real data sets (holds ``amazon_pqa/``).
         engaged_queries: Give each product its train questions as ``engaged_queries``.
-        test_question_snippets: Keep the description/bullet/attribute snippets picked for test questions.
+        test_question_snippets: Also keep the description/bullet/attribute snippets picked for held-out
+            (test and dev) questions: the leaky catalogue (see the module docstring). Default: only
+            those picked for train questions.
+        dev_split: Mark the dev questions of ``epqa_split`` ``split == "dev"``; they are then held out
+            like the test questions (no engaged queries, and no snippets unless ``test_question_snippets``).
     """
     path = Path(root) / "amazon_pqa" / "ePQA" / "dev.csv"
     if not path.is_file():
@@ -93,7 +116,7 @@ def load_epqa(root: str | Path, *, engaged_queries: bool = True, test_question_s
     for row in rows:
         qid, asin = row["qid"], row["ASIN"]
         question = questions.setdefault(
-            qid, {"qid": qid, "question": row["question"], "asin": asin, "split": epqa_split(qid)}
+            qid, {"qid": qid, "question": row["question"], "asin": asin, "split": epqa_split(qid, dev_split=dev_split)}
         )
         product = products.setdefault(asin, {"id": asin, "title": row["title"], **{s: {} for s in CATALOGUE_SOURCES}})
         if question["asin"] != asin or product["title"] != row["title"]:
@@ -118,7 +141,8 @@ def build_epqa_tables(
     root: str | Path,
     *,
     engaged_queries: bool = True,
-    test_question_snippets: bool = True,
+    test_question_snippets: bool = False,
+    dev_split: bool = False,
     compat_encoder: str | None = None,
     compat_feature: str = "text_embedding",
     compat_prefix: str = "",
@@ -130,7 +154,7 @@ def build_epqa_tables(
 
     Args:
         root: Folder of the real data sets (holds ``amazon_pqa/``).
-        engaged_queries, test_question_snippets: As in ``load_epqa``.
+        engaged_queries, test_question_snippets, dev_split: As in ``load_epqa``.
         compat_encoder: Local encoder folder for a pre-existing ``compat_feature`` column (the zero-shot
             embedding of ``compat_prefix + product_text(product, CATALOGUE_FIELDS)``, catalogue text only),
             or None for no such column.
@@ -140,7 +164,7 @@ def build_epqa_tables(
     Returns:
         ``products.parquet`` (``id`` and the text fields of ``load_epqa``) and
         ``pairs/query_product_{train,test}.parquet`` (``query``, ``candidate_id`` = ASIN, ``question_id``),
-        one row per question.
+        one row per question, and ``pairs/query_product_dev.parquet`` with ``dev_split``.
 
     Example:
         ::
@@ -150,7 +174,9 @@ def build_epqa_tables(
             # {'products.parquet': 888, 'pairs/query_product_train.parquet': 673,
             #  'pairs/query_product_test.parquet': 304}
     """
-    data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
+    data = load_epqa(
+        root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets, dev_split=dev_split
+    )
     list_type = pa.list_(pa.string())
     fields = [("id", pa.string()), ("title", pa.string()), ("description", pa.string())]
     fields += [("bullet", list_type), ("attribute", list_type)]
@@ -167,7 +193,7 @@ def build_epqa_tables(
         )
         products = products.append_column(compat_feature, pa.array(list(embeddings), type=pa.list_(pa.float32())))
     tables = {"products.parquet": products}
-    for split in ("train", "test"):
+    for split in ("train", "dev", "test") if dev_split else ("train", "test"):
         tables[f"pairs/query_product_{split}.parquet"] = pa.Table.from_pylist(
             [
                 {"query": q["question"], "candidate_id": q["asin"], "question_id": q["qid"]}
@@ -191,6 +217,7 @@ def product_text(product: Mapping[str, Any], fields: Sequence[str] = TEXT_FIELDS
 __all__ = [
     "CATALOGUE_FIELDS",
     "CATALOGUE_SOURCES",
+    "DEV_BUCKETS",
     "EPQA",
     "TEXT_FIELDS",
     "attribute_text",

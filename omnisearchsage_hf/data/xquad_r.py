@@ -6,7 +6,9 @@ OmniSearchSage like this: queries are questions; entities are sentences, enriche
 (``context``) and article ``title`` as the paper enriches pins with board titles; and the same question
 in two languages is a query→query pair. Articles with index ``% 3 == 2`` (16 of 48) are held out, so no
 test sentence, paragraph or question is seen in training; the translations of a train question are
-train data too.
+train data too. For model selection without the test set, ``dev_split=True`` also holds out every fifth
+train article as ``"dev"`` (6 of the 32; 155 of the 816 train questions per language), leaving the test
+articles as they are, so test figures stay comparable with runs made without it.
 
 ``load_xquad_r`` reads the files into rows; ``build_xquad_r_tables`` returns the tables of the training
 source (``training.sources.prepare_source`` writes them under ``<output_dir>/data``). The benchmark that
@@ -34,12 +36,22 @@ from .encoders import passage_embeddings
 
 LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
 TEXT_FIELDS = ("sentence", "context", "title")
-Split = Literal["train", "test"]
+Split = Literal["train", "dev", "test"]
+DEV_EVERY = 5  # with the dev split on, every fifth train article is dev
 
 
-def article_split(article_index: int) -> Split:
-    """``"test"`` for every third article (0-based index ``% 3 == 2``: 16 of 48), else ``"train"``."""
-    return "test" if article_index % 3 == 2 else "train"
+def article_split(article_index: int, *, dev_split: bool = False) -> Split:
+    """The split of the 0-based ``article_index``-th article.
+
+    ``"test"`` for every third article (index ``% 3 == 2``: 16 of 48), else ``"train"``; with
+    ``dev_split``, every fifth train article in file order (indices 6, 13, 21, 28, 36 and 43) is
+    ``"dev"`` instead. Dev is carved from the train articles only, so the test articles never
+    change.
+    """
+    if article_index % 3 == 2:
+        return "test"
+    train_before = article_index - article_index // 3  # train articles with a smaller index
+    return "dev" if dev_split and train_before % DEV_EVERY == DEV_EVERY - 1 else "train"
 
 
 def gold_sentence_index(sentence_breaks: Sequence[Sequence[int]], answer_start: int) -> int:
@@ -82,11 +94,12 @@ def check_languages(languages: Sequence[str]) -> list[str]:
     return [language for language in LANGUAGES if language in languages]
 
 
-def load_xquad_r(root: str | Path, *, languages: Sequence[str] = LANGUAGES) -> XQuADR:
+def load_xquad_r(root: str | Path, *, languages: Sequence[str] = LANGUAGES, dev_split: bool = False) -> XQuADR:
     """Read ``<root>/xquad_r/xquad-r/{lang}.json`` (SQuAD format) into sentence and question rows.
 
     Entity text is the ``sentences`` list of the file; ``sentence_breaks`` only locate the answers
     (they index the ``context``, which in a few paragraphs carries mojibake the sentences do not).
+    With ``dev_split`` the rows of the dev articles (see ``article_split``) have ``split == "dev"``.
     """
     sentences: list[dict[str, Any]] = []
     questions: list[dict[str, Any]] = []
@@ -97,7 +110,7 @@ def load_xquad_r(root: str | Path, *, languages: Sequence[str] = LANGUAGES) -> X
         with open(path, encoding="utf-8") as handle:
             articles = json.load(handle)["data"]
         for a, article in enumerate(articles):
-            split, title = article_split(a), article["title"].replace("_", " ")
+            split, title = article_split(a, dev_split=dev_split), article["title"].replace("_", " ")
             for p, paragraph in enumerate(article["paragraphs"]):
                 prefix = f"{language}/{a}/{p}"
                 for s, sentence in enumerate(paragraph["sentences"]):
@@ -165,6 +178,7 @@ def build_xquad_r_tables(
     languages: Sequence[str] = LANGUAGES,
     seed: int = 0,
     translations_per_question: int = 2,
+    dev_split: bool = False,
     compat_encoder: str | None = None,
     compat_feature: str = "e5_embedding",
     compat_batch_size: int = 64,
@@ -181,6 +195,8 @@ def build_xquad_r_tables(
         languages: Languages to include (default all 11).
         seed: Seed of the translation-pair languages.
         translations_per_question: Other languages b drawn per question and language a.
+        dev_split: Hold out the dev articles of ``article_split`` from training: their questions go to
+            ``pairs/query_sentence_dev.parquet`` instead of the train pairs and the translation pairs.
         compat_encoder: Local encoder folder for the pre-existing ``compat_feature`` column, or None for no
             such column: the zero-shot multilingual-e5-small passage embedding, as a legacy space.
         compat_feature: Name of that column.
@@ -194,7 +210,8 @@ def build_xquad_r_tables(
     Returns:
         ``sentences.parquet`` (``id``, ``sentence``, ``context``, ``title``, ``language``, ``split`` [, the
         compat column]); ``pairs/query_sentence_{train,test}.parquet`` (``query``, ``candidate_id``,
-        ``language``, ``question_id``); ``pairs/query_query_train.parquet`` (see ``translation_pairs``).
+        ``language``, ``question_id``), and ``..._dev.parquet`` with ``dev_split``;
+        ``pairs/query_query_train.parquet`` (see ``translation_pairs``).
 
     Example:
         ::
@@ -204,7 +221,7 @@ def build_xquad_r_tables(
             # {'sentences.parquet': 13014, 'pairs/query_sentence_train.parquet': 8976,
             #  'pairs/query_sentence_test.parquet': 4114, 'pairs/query_query_train.parquet': 17952}
     """
-    data = load_xquad_r(root, languages=languages)
+    data = load_xquad_r(root, languages=languages, dev_split=dev_split)
     sentences = pa.Table.from_pylist(data.sentences)
     if compat_encoder is not None:
         embeddings = passage_embeddings(
@@ -233,7 +250,7 @@ def build_xquad_r_tables(
         embeddings = embeddings[[row_of[row["context"]] for row in data.sentences]]  # (num_sentences, dim)
         sentences = sentences.append_column(context_feature, pa.array(list(embeddings), type=pa.list_(pa.float32())))
     tables = {"sentences.parquet": sentences}
-    for split in ("train", "test"):
+    for split in ("train", "dev", "test") if dev_split else ("train", "test"):
         tables[f"pairs/query_sentence_{split}.parquet"] = pa.Table.from_pylist(
             [
                 {
@@ -255,6 +272,7 @@ def build_xquad_r_tables(
 
 
 __all__ = [
+    "DEV_EVERY",
     "LANGUAGES",
     "TEXT_FIELDS",
     "XQuADR",

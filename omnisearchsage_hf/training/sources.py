@@ -76,7 +76,11 @@ def source_options(source: str) -> list[str]:
 
 
 def _keywords(builder: Callable[..., Any]) -> list[str]:
-    return [p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return [p.name for p in _keyword_parameters(builder)]
+
+
+def _keyword_parameters(builder: Callable[..., Any]) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
 def prepare_real_source(
@@ -90,8 +94,10 @@ def prepare_real_source(
     """Write the tables of real source ``source`` under ``data_dir``, unless a complete copy is already there.
 
     Every file is written under a temporary name and renamed, and ``source.json`` (source, resolved
-    root, options, files, row counts) is written last; it is removed before a rebuild. So a killed
-    preparation, or one made with other options, is redone, and a finished one is reused as is.
+    root, options with the builder's defaults filled in, files, row counts) is written last; it is
+    removed before a rebuild. So a killed preparation, or one made with other options, is redone, and
+    a finished one is reused as is; recording the defaults makes a folder prepared before a default
+    changed (ePQA's leak-free catalogue) count as made with other options.
     Expensive intermediates (the compat embeddings) are cached under ``data_dir/cache``.
 
     Args:
@@ -110,13 +116,17 @@ def prepare_real_source(
         raise ValueError(f"Unknown `data.options` {unknown} for source {source!r}; valid: {source_options(source)}.")
     data_dir = Path(data_dir)
     marker = data_dir / SOURCE_MARKER
-    inputs = {"source": source, "root": str(Path(root).resolve()), "options": options}
+    builder = REAL_SOURCES[source]
+    resolved = {p.name: p.default for p in _keyword_parameters(builder) if p.name not in _BUILDER_ARGUMENTS}
+    # Through JSON, as read back from the marker (a tuple default becomes a list).
+    inputs = json.loads(
+        json.dumps({"source": source, "root": str(Path(root).resolve()), "options": resolved | options})
+    )
     if marker.is_file():
         with open(marker, encoding="utf-8") as handle:
             if {key: value for key, value in json.load(handle).items() if key in inputs} == inputs:
                 return False
         marker.unlink()
-    builder = REAL_SOURCES[source]
     arguments = {"cache_dir": data_dir / "cache", "show_progress_bar": show_progress_bar}
     tables = builder(root, **{k: v for k, v in arguments.items() if k in _keywords(builder)}, **options)
     for name, table in tables.items():
