@@ -6,12 +6,14 @@ setting, counted by ``ranks_of_relevant``). ``evaluate_epqa`` scores question �
 the whole ePQA catalogue. Both read the data with ``omnisearchsage_hf.data.xquad_r`` /
 ``omnisearchsage_hf.data.amazon_pqa``, built with the same options as for training, and rank with any
 ``Scorer`` (``DenseScorer`` for trained towers or zero-shot encoders, ``BM25Scorer`` for the lexical
-baseline).
+baseline). ``rank_xquad`` / ``rank_epqa`` return the per-question ranks those figures average
+(``QuestionRanks``), for confidence intervals of a difference between systems (``paired_bootstrap``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,27 @@ def ranks_of_relevant(
     return ranks.numpy()
 
 
+@dataclass(frozen=True)
+class QuestionRanks:
+    """Per-question ranks of one benchmark run: what its metrics average, kept for a paired bootstrap.
+
+    ``rank_xquad`` / ``rank_epqa`` return it and ``xquad_metrics`` / ``recall_metrics`` reduce it, so a
+    benchmark scores each system once and gets both its figures and the per-question values (reciprocal
+    ranks ``1 / (rank + 1)``, hits ``rank < k``) that ``paired_bootstrap`` compares between systems.
+
+    Attributes:
+        question_ids: language → ids of the queried questions, in the order of ``ranks[language]`` (the data
+            files' order; XQuAD-R's questions are parallel, so the same ids in every language).
+        ranks: language → ``(num_questions,)`` int64 0-based rank of each question's one relevant row.
+        pooled: language → ``(num_questions, num_languages)`` int64 ranks of the question's gold sentence in
+            each language (columns in the order of ``ranks``) in the pooled index; empty when not evaluated.
+    """
+
+    question_ids: dict[str, list[str]]
+    ranks: dict[str, np.ndarray]
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 def evaluate_xquad(
     scorer: Scorer,
     root: str | Path,
@@ -88,6 +111,7 @@ def evaluate_xquad(
     questions of each query language. With 11 relevant sentences and ``pooled_k=10`` a perfect model
     scores 10/11. Answers of a different question with the identical text (a few per language) are
     removed from that query's ranking instead of counting as misses. Ties count against the answer.
+    ``rank_xquad`` followed by ``xquad_metrics``; call those two to also keep the per-question ranks.
 
     Args:
         scorer: ``(question texts, sentence rows) → scores``; sentence rows hold ``id`` and the
@@ -111,6 +135,31 @@ def evaluate_xquad(
             metrics = evaluate_xquad(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")
             metrics["xquad_r_en_recall@10"], metrics["xquad_r_pooled_recall@10"]
     """
+    ranks = rank_xquad(scorer, root, languages=languages, split=split, pooled=pooled_k is not None)
+    return xquad_metrics(ranks, ks=ks, pooled_k=pooled_k, name=name)
+
+
+def rank_xquad(
+    scorer: Scorer,
+    root: str | Path,
+    *,
+    languages: Sequence[str] = LANGUAGES,
+    split: Split = "test",
+    pooled: bool = True,
+) -> QuestionRanks:
+    """The per-question ranks behind ``evaluate_xquad`` (same queries, pools and tie rules; see there).
+
+    Args:
+        scorer, root, languages, split: As in ``evaluate_xquad``.
+        pooled: Also rank every question against the pooled index of all ``languages``.
+
+    Example:
+        ::
+
+            ranks = rank_xquad(scorer, "../shared/data")
+            metrics = xquad_metrics(ranks)  # == evaluate_xquad(scorer, "../shared/data")
+            reciprocal = {language: 1.0 / (r + 1) for language, r in ranks.ranks.items()}  # per-question MRR terms
+    """
     if split not in ("train", "test"):
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
     languages = check_languages(languages)
@@ -126,8 +175,7 @@ def evaluate_xquad(
         golds.setdefault(q["id"], {})[q["language"]] = position[q["gold_id"]]
         same_text.setdefault((q["language"], q["question"]), set()).add(q["id"])
 
-    prefix = f"{name}_" if name else ""
-    metrics: dict[str, float] = {}
+    result = QuestionRanks({}, {}, {})
     for language, questions in zip(languages, _by_language(data.questions, languages), strict=True):
         questions = [q for q in questions if q["split"] == split]
         if not questions:
@@ -139,17 +187,42 @@ def evaluate_xquad(
         twins = [same_text[(language, q["question"])] for q in questions]
         # The golds of identically worded questions are not negatives.
         excluded = np.array([(i, golds[t][language] - start) for i, ids in enumerate(twins) for t in ids])
-        ranks = ranks_from_scores(scorer(texts, pool), gold, excluded=excluded.reshape(-1, 2))
-        metrics.update(recall_metrics(ranks, ks, f"{prefix}{language}_"))
-        if pooled_k is None:
+        result.question_ids[language] = [q["id"] for q in questions]
+        result.ranks[language] = ranks_from_scores(scorer(texts, pool), gold, excluded=excluded.reshape(-1, 2))
+        if not pooled:
             continue
         relevant = np.array([[golds[q["id"]][other] for other in languages] for q in questions])
         ignored = [
             sorted({golds[t][other] for t in ids for other in languages} - set(row))
             for ids, row in zip(twins, relevant.tolist(), strict=True)
         ]
-        pooled = ranks_of_relevant(scorer(texts, rows), relevant, ignored=ignored)  # (n, num_languages)
-        metrics[f"{prefix}pooled_{language}_recall@{pooled_k}"] = float((pooled < pooled_k).mean())
+        result.pooled[language] = ranks_of_relevant(scorer(texts, rows), relevant, ignored=ignored)  # (n, num_lang)
+    return result
+
+
+def xquad_metrics(
+    ranks: QuestionRanks, *, ks: Sequence[int] = (1, 10, 100), pooled_k: int | None = 10, name: str = "xquad_r"
+) -> dict[str, float]:
+    """``evaluate_xquad``'s metrics from ``rank_xquad``'s ranks (keys as documented there).
+
+    Args:
+        ranks: Per-question ranks; its languages, in order, are the ones reported and averaged.
+        ks: The K of each per-language Recall@K.
+        pooled_k: The K of the pooled figure; None leaves it out.
+        name: Prefix of the metric keys.
+    """
+    if pooled_k is not None and set(ranks.pooled) != set(ranks.ranks):
+        raise ValueError(
+            f"`pooled_k={pooled_k}` needs pooled ranks for every language {sorted(ranks.ranks)}, got "
+            f"{sorted(ranks.pooled)}: rank with `rank_xquad(..., pooled=True)` or pass `pooled_k=None`."
+        )
+    prefix = f"{name}_" if name else ""
+    languages = list(ranks.ranks)
+    metrics: dict[str, float] = {}
+    for language in languages:
+        metrics.update(recall_metrics(ranks.ranks[language], ks, f"{prefix}{language}_"))
+        if pooled_k is not None:
+            metrics[f"{prefix}pooled_{language}_recall@{pooled_k}"] = float((ranks.pooled[language] < pooled_k).mean())
     for key in [f"recall@{k}" for k in ks] + ["mrr"]:
         metrics[f"{prefix}{key}"] = float(np.mean([metrics[f"{prefix}{lang}_{key}"] for lang in languages]))
     if pooled_k is not None:
@@ -183,6 +256,7 @@ def evaluate_epqa(
     is its ASIN (ties count against it). Products are built as for training, with the same options, so
     pass those the towers were trained with. With ``split="train"`` a product's engaged queries contain
     the query itself, which makes the figure an optimistic sanity check only.
+    ``rank_epqa`` followed by ``recall_metrics``; call those two to also keep the per-question ranks.
 
     Args:
         scorer: ``(question texts, product rows) → scores``; product rows hold ``id`` and the text fields
@@ -202,6 +276,31 @@ def evaluate_epqa(
 
             evaluate_epqa(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")["epqa_recall@10"]
     """
+    ranks = rank_epqa(
+        scorer, root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets, split=split
+    )
+    return recall_metrics(ranks.ranks["en"], ks, f"{name}_" if name else "")
+
+
+def rank_epqa(
+    scorer: Scorer,
+    root: str | Path,
+    *,
+    engaged_queries: bool = True,
+    test_question_snippets: bool = True,
+    split: Split = "test",
+) -> QuestionRanks:
+    """The per-question ranks behind ``evaluate_epqa``, under the one language ``"en"`` (ePQA is English).
+
+    Args:
+        scorer, root, engaged_queries, test_question_snippets, split: As in ``evaluate_epqa``.
+
+    Example:
+        ::
+
+            ranks = rank_epqa(scorer, "../shared/data").ranks["en"]  # (num_questions,), ids in .question_ids["en"]
+            recall_metrics(ranks, prefix="epqa_")  # == evaluate_epqa(scorer, "../shared/data")
+    """
     if split not in ("train", "test"):
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
     data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
@@ -210,7 +309,15 @@ def evaluate_epqa(
     row_of = {product["id"]: i for i, product in enumerate(data.products)}
     gold = np.array([row_of[q["asin"]] for q in questions])  # (num_questions,)
     ranks = ranks_from_scores(scorer([q["question"] for q in questions], products), gold)
-    return recall_metrics(ranks, ks, f"{name}_" if name else "")
+    return QuestionRanks({"en": [q["qid"] for q in questions]}, {"en": ranks})
 
 
-__all__ = ["evaluate_epqa", "evaluate_xquad", "ranks_of_relevant"]
+__all__ = [
+    "QuestionRanks",
+    "evaluate_epqa",
+    "evaluate_xquad",
+    "rank_epqa",
+    "rank_xquad",
+    "ranks_of_relevant",
+    "xquad_metrics",
+]
