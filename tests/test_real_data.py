@@ -19,7 +19,13 @@ from omnisearchsage_hf.data import xquad_r
 from omnisearchsage_hf.data.amazon_pqa import attribute_text, build_epqa_tables, epqa_split, load_epqa
 from omnisearchsage_hf.data.encoders import passage_embeddings
 from omnisearchsage_hf.data.xquad_r import LANGUAGES, build_xquad_r_tables, gold_sentence_index, load_xquad_r
-from omnisearchsage_hf.evaluation.benchmarks import evaluate_epqa, evaluate_xquad, ranks_of_relevant
+from omnisearchsage_hf.evaluation.benchmarks import (
+    evaluate_epqa,
+    evaluate_xquad,
+    rank_epqa,
+    rank_xquad,
+    ranks_of_relevant,
+)
 from omnisearchsage_hf.evaluation.scoring import DenseScorer
 from omnisearchsage_hf.training.config import DataConfig, TrainingConfig, load_config
 from omnisearchsage_hf.training.sources import SOURCE_MARKER, prepare_real_source, prepare_source, source_options
@@ -424,6 +430,23 @@ def test_evaluate_epqa_with_hashing_and_oracle_encoders():
         ROOT,
     )
     assert oracle["epqa_recall@1"] == oracle["epqa_mrr"] == 1.0
+
+
+def test_evaluators_score_the_dev_split_only_when_asked():
+    """``split="dev"``: the dev questions carved out of train (never test), for choosing settings."""
+    scorer = DenseScorer(hashing_encoder, lambda rows: hashing_encoder([r["sentence"] for r in rows]))
+    dev = rank_xquad(scorer, ROOT, languages=["en"], split="dev", pooled=False)
+    test = rank_xquad(scorer, ROOT, languages=["en"], split="test", pooled=False)
+    assert len(dev.question_ids["en"]) == 155 and not set(dev.question_ids["en"]) & set(test.question_ids["en"])
+    with pytest.raises(ValueError, match="dev_split=True"):
+        evaluate_epqa(scorer, ROOT, split="dev")
+    ranks = rank_epqa(
+        DenseScorer(hashing_encoder, lambda rows: hashing_encoder([" ".join(_product_texts(r)) for r in rows])),
+        ROOT,
+        dev_split=True,
+        split="dev",
+    )
+    assert len(ranks.ranks["en"]) == 133
 
 
 # ---- preparation ---------------------------------------------------------------------------------

@@ -160,10 +160,11 @@ def rank_xquad(
             metrics = xquad_metrics(ranks)  # == evaluate_xquad(scorer, "../shared/data")
             reciprocal = {language: 1.0 / (r + 1) for language, r in ranks.ranks.items()}  # per-question MRR terms
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"`split` must be 'train', 'dev' or 'test', got {split!r}.")
     languages = check_languages(languages)
-    data = load_xquad_r(root, languages=languages)
+    # Dev questions exist only when the train articles are split (``load_xquad_r(dev_split=True)``).
+    data = load_xquad_r(root, languages=languages, dev_split=split == "dev")
     rows = [{k: row[k] for k in ("id", *TEXT_FIELDS)} for row in data.sentences]  # grouped by language
     position = {row["id"]: i for i, row in enumerate(rows)}  # index in the pooled corpus
     bounds: dict[str, list[int]] = {}  # language → [start, end) of its sentences in `rows`
@@ -245,7 +246,8 @@ def evaluate_epqa(
     root: str | Path,
     *,
     engaged_queries: bool = True,
-    test_question_snippets: bool = True,
+    test_question_snippets: bool = False,
+    dev_split: bool = False,
     split: Split = "test",
     ks: Sequence[int] = (1, 10, 100),
     name: str = "epqa",
@@ -263,7 +265,9 @@ def evaluate_epqa(
             (``engaged_queries`` only when enabled; None values left out). ``DenseScorer(query_tower.encode,
             entity_tower.encode)`` for embeddings, ``BM25Scorer`` for the lexical baseline.
         root: Folder of the real data sets (holds ``amazon_pqa/``).
-        engaged_queries, test_question_snippets: As in ``load_epqa``.
+        engaged_queries, test_question_snippets, dev_split: As in ``load_epqa``; they shape the catalogue
+            (leak-free by default: no snippet chosen only for held-out questions), so pass the values the
+            towers were trained with. ``dev_split`` is needed for ``split="dev"``.
         split: The questions used as queries.
         ks: The K of each Recall@K.
         name: Prefix of the metric keys.
@@ -277,7 +281,12 @@ def evaluate_epqa(
             evaluate_epqa(DenseScorer(query_tower.encode, entity_tower.encode), "../shared/data")["epqa_recall@10"]
     """
     ranks = rank_epqa(
-        scorer, root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets, split=split
+        scorer,
+        root,
+        engaged_queries=engaged_queries,
+        test_question_snippets=test_question_snippets,
+        dev_split=dev_split,
+        split=split,
     )
     return recall_metrics(ranks.ranks["en"], ks, f"{name}_" if name else "")
 
@@ -287,13 +296,14 @@ def rank_epqa(
     root: str | Path,
     *,
     engaged_queries: bool = True,
-    test_question_snippets: bool = True,
+    test_question_snippets: bool = False,
+    dev_split: bool = False,
     split: Split = "test",
 ) -> QuestionRanks:
     """The per-question ranks behind ``evaluate_epqa``, under the one language ``"en"`` (ePQA is English).
 
     Args:
-        scorer, root, engaged_queries, test_question_snippets, split: As in ``evaluate_epqa``.
+        scorer, root, engaged_queries, test_question_snippets, dev_split, split: As in ``evaluate_epqa``.
 
     Example:
         ::
@@ -301,9 +311,13 @@ def rank_epqa(
             ranks = rank_epqa(scorer, "../shared/data").ranks["en"]  # (num_questions,), ids in .question_ids["en"]
             recall_metrics(ranks, prefix="epqa_")  # == evaluate_epqa(scorer, "../shared/data")
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
-    data = load_epqa(root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets)
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"`split` must be 'train', 'dev' or 'test', got {split!r}.")
+    if split == "dev" and not dev_split:
+        raise ValueError("`split='dev'` needs `dev_split=True` (the dev questions are carved out of train).")
+    data = load_epqa(
+        root, engaged_queries=engaged_queries, test_question_snippets=test_question_snippets, dev_split=dev_split
+    )
     products = [{key: value for key, value in product.items() if value is not None} for product in data.products]
     questions = [q for q in data.questions if q["split"] == split]
     row_of = {product["id"]: i for i, product in enumerate(data.products)}
