@@ -64,7 +64,11 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--entity-model", required=True, help="Entity tower or ItemSage folder (save_pretrained output)."
     )
-    parser.add_argument("--table", required=True, help="Entity table: parquet, jsonl or csv with an `id` column.")
+    parser.add_argument(
+        "--table",
+        required=True,
+        help="Entity table with an `id` column: a parquet file or folder of parquet files, Arrow IPC, jsonl or csv.",
+    )
     parser.add_argument("--entity-type", required=True, help="Type of these entities, e.g. pin or product.")
     parser.add_argument("--out", required=True, help="Output folder; run again with the same folder to resume.")
     parser.add_argument("--chunk-size", type=int, default=50_000, help="Rows per resumable chunk (default 50000).")
