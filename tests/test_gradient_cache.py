@@ -178,6 +178,19 @@ def test_scaled_backward_scales_every_gradient(model):
     assert_same_gradients({k: v / 2 for k, v in gradients(full).items()}, gradients(half))
 
 
+def test_a_frozen_tower_is_not_replayed(model):
+    """A tower without trainable parameters (e.g. a fixed query encoder) gets no replay and no gradient."""
+    model.query_tower.eval()
+    model.query_tower.requires_grad_(False)
+    uncached, cached = copy.deepcopy(model), copy.deepcopy(model)
+    loss, _ = uncached(step_batch(uncached, None))
+    loss.backward()
+    cached_backward(cached, step_batch(cached, 3), backward=lambda value: value.backward())
+    expected = gradients(uncached)
+    assert not any(name.startswith("query_tower.") for name in expected)
+    assert_same_gradients(expected, gradients(cached))
+
+
 def test_bf16_autocast_cached_step_is_close_to_uncached(model):
     model.query_tower.eval()
     uncached, cached = copy.deepcopy(model), copy.deepcopy(model)

@@ -111,8 +111,8 @@ def cached_backward(
     """
     query_out, query_states = _embed_without_graph(model.query_tower, batch.query_chunks, autocast)
     entity_out, entity_states = _embed_without_graph(model.entity_tower, batch.entity_chunks, autocast)
-    for out in (query_out, entity_out):
-        if out is not None:
+    for tower, out in ((model.query_tower, query_out), (model.entity_tower, entity_out)):
+        if out is not None and any(p.requires_grad for p in tower.parameters()):
             out.requires_grad_()  # a leaf: the loss's gradient stops here, to be replayed chunk by chunk
     with autocast():
         loss, parts = model.score(batch, query_out, entity_out)
