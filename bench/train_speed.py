@@ -75,11 +75,11 @@ def backbone_path(name: str) -> str:
     return subprocess.run([sys.executable, str(tool), name], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def rss_mb() -> float | None:
-    """Current resident set size in MiB (Linux ``/proc``), or None elsewhere."""
+def rss_mb(field: str = "VmRSS") -> float | None:
+    """Current resident set size in MiB (Linux ``/proc``; ``field="VmHWM"``: its peak), or None elsewhere."""
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
-            kib = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+            kib = next(int(line.split()[1]) for line in handle if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return None
     return kib / 1024

@@ -115,25 +115,27 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], *, bucket_ele
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    world_size = dist.get_world_size()
-    bucket: list[torch.nn.Parameter] = []
-
-    def flush() -> None:
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])  # (bucket elements,)
-        dist.all_reduce(flat)
-        flat /= world_size
-        start = 0
-        for p in bucket:
-            p.grad.copy_(flat[start : start + p.numel()].view_as(p.grad))
-            start += p.numel()
-        bucket.clear()
-
+    bucket: list[torch.Tensor] = []  # gradients of one dtype, about `bucket_elements` in all
+    size = 0
     for param in params:
-        if bucket and (param.grad.dtype != bucket[0].grad.dtype or sum(p.numel() for p in bucket) >= bucket_elements):
-            flush()
-        bucket.append(param)
+        if bucket and (param.grad.dtype != bucket[0].dtype or size >= bucket_elements):
+            _average_in_place(bucket)
+            bucket, size = [], 0
+        bucket.append(param.grad)
+        size += param.numel()
     if bucket:
-        flush()
+        _average_in_place(bucket)
+
+
+def _average_in_place(grads: list[torch.Tensor]) -> None:
+    """One all-reduce of ``grads`` flattened together, divided by the world size, copied back."""
+    flat = torch.cat([grad.reshape(-1) for grad in grads])  # (total elements,)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    start = 0
+    for grad in grads:
+        grad.copy_(flat[start : start + grad.numel()].view_as(grad))
+        start += grad.numel()
 
 
 def _check_same_shape(tensor: torch.Tensor, caller: str) -> None:
