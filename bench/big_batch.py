@@ -45,10 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from omnisearchsage_hf.evaluation import QuestionRanks, paired_bootstrap, rank_xquad, xquad_metrics
+from omnisearchsage_hf.evaluation import QuestionRanks, compare_ranks, rank_xquad, xquad_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import backbone_path, ours_config, rss_mb, world_config  # noqa: E402
@@ -270,31 +269,12 @@ def run_xquad_dev(args: argparse.Namespace) -> dict:
 
 
 def paired_differences(a: QuestionRanks, b: QuestionRanks) -> dict[str, dict[str, float]]:
-    """``b - a`` with its paired bootstrap 95% interval (1,000 resamples, seed 0) for MRR, R@1, R@10, pooled R@10.
-
-    XQuAD-R's languages are translations of the same questions, so the unit resampled is the question: its
-    value is the mean over its languages (the languages' mean, as the metrics report it, is the mean of these).
-    """
-
-    def per_question(ranks: QuestionRanks, value, pooled: bool = False) -> np.ndarray:
-        by_id: dict[str, list[float]] = {}
-        for language, ids in ranks.question_ids.items():
-            values = value(ranks.pooled[language]) if pooled else value(ranks.ranks[language])
-            for question_id, v in zip(ids, values, strict=True):
-                by_id.setdefault(question_id, []).append(float(v))
-        return np.array([np.mean(by_id[q]) for q in sorted(by_id)])
-
-    measures = {
-        "mrr": (lambda r: 1.0 / (r + 1), False),
-        "recall@1": (lambda r: r < 1, False),
-        "recall@10": (lambda r: r < 10, False),
-        "pooled_recall@10": (lambda r: (r < 10).mean(axis=1), True),
+    """``b - a`` with its paired bootstrap 95% interval (1,000 resamples, seed 0; see ``compare_ranks``)."""
+    measures = ["mrr", "recall@1", "recall@10", "pooled_recall@10"]
+    return {
+        name: {"difference": ci.difference, "low": ci.low, "high": ci.high}
+        for name, ci in compare_ranks(a, b, measures=measures).items()
     }
-    out = {}
-    for name, (value, pooled) in measures.items():
-        ci = paired_bootstrap(per_question(a, value, pooled), per_question(b, value, pooled), resamples=1000, seed=0)
-        out[name] = {"difference": ci.difference, "low": ci.low, "high": ci.high}
-    return out
 
 
 def write_markdown(results: dict) -> None:

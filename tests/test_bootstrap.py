@@ -11,8 +11,16 @@ import pytest
 from omnisearchsage_hf.data.amazon_pqa import load_epqa
 from omnisearchsage_hf.data.xquad_r import load_xquad_r
 from omnisearchsage_hf.evaluation import bootstrap
-from omnisearchsage_hf.evaluation.benchmarks import evaluate_epqa, evaluate_xquad, rank_epqa, rank_xquad, xquad_metrics
+from omnisearchsage_hf.evaluation.benchmarks import (
+    QuestionRanks,
+    evaluate_epqa,
+    evaluate_xquad,
+    rank_epqa,
+    rank_xquad,
+    xquad_metrics,
+)
 from omnisearchsage_hf.evaluation.bootstrap import paired_bootstrap, resample_indices
+from omnisearchsage_hf.evaluation.comparison import compare_ranks, load_ranks, per_question_values, save_ranks
 from omnisearchsage_hf.evaluation.scoring import DenseScorer
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -224,3 +232,60 @@ def test_epqa_per_question_ranks_align_with_ids_and_average_to_the_metrics():
     assert [metrics[f"epqa_recall@{k}"] for k in (1, 10, 100)] == pytest.approx(
         [np.mean(rank < k) for k in (1, 10, 100)]
     )
+
+
+# ---- comparing two systems' ranks -------------------------------------------------------------------
+
+
+def two_language_ranks(en: list[int], de: list[int], pooled: list[list[int]] | None = None) -> QuestionRanks:
+    ids = [f"q{i}" for i in range(len(en))]
+    result = QuestionRanks({"en": ids, "de": ids}, {"en": np.array(en), "de": np.array(de)})
+    if pooled is not None:
+        result.pooled.update({"en": np.array(pooled), "de": np.array(pooled)})
+    return result
+
+
+def test_compare_ranks_by_hand_averages_each_question_over_its_languages():
+    # Question q0: ranks (0, 1) → reciprocal ranks (1, 1/2), mean 3/4; q1: (3, 0) → (1/4, 1), mean 5/8.
+    reference = two_language_ranks([0, 3], [1, 0], pooled=[[0, 20], [30, 40]])
+    system = two_language_ranks([0, 0], [0, 0], pooled=[[0, 1], [2, 40]])
+    ids, values = per_question_values(reference, "mrr")
+    assert ids == ["q0", "q1"] and values.tolist() == [0.75, 0.625]
+    metrics = xquad_metrics(reference, ks=(1, 10))
+    assert metrics["xquad_r_mrr"] == pytest.approx(values.mean())  # the languages' mean
+    result = compare_ranks(reference, system, resamples=2000, seed=0)
+    assert set(result) == {"mrr", "recall@1", "recall@10", "recall@100", "pooled_recall@10"}
+    # System: every question at rank 0 → 1.0; differences per question 0.25 and 0.375.
+    mrr = result["mrr"]
+    assert (mrr.mean_a, mrr.mean_b, mrr.difference) == (0.6875, 1.0, pytest.approx(0.3125))
+    # Two questions: a resample takes 0, 1 or 2 copies of q0 → means 0.375, 0.3125, 0.25; the interval spans them.
+    assert (mrr.low, mrr.high) == (pytest.approx(0.25), pytest.approx(0.375))
+    # Recall@1: reference hits (1, 0) for q0 and (0, 1) for q1 → 1/2 each; system 1 each.
+    assert result["recall@1"].difference == pytest.approx(0.5) and result["recall@1"].low == pytest.approx(0.5)
+    assert result["recall@100"].difference == 0.0
+    # Pooled: fraction of the two golds in the top 10: reference (1/2, 0), system (1, 1/2).
+    assert result["pooled_recall@10"].difference == pytest.approx(0.5)
+    assert compare_ranks(reference, system, measures=["mrr"], resamples=2000, seed=0)["mrr"] == mrr
+
+
+def test_compare_ranks_refuses_different_questions_and_missing_pooled_ranks():
+    reference = two_language_ranks([0, 3], [1, 0])
+    other = QuestionRanks({"en": ["q0", "q9"]}, {"en": np.array([0, 1])})
+    with pytest.raises(ValueError, match=r"different questions \(e.g. \['q1', 'q9'\]\)"):
+        compare_ranks(reference, other, measures=["mrr"])
+    assert "pooled_recall@10" not in compare_ranks(reference, reference)
+    with pytest.raises(ValueError, match="needs pooled ranks"):
+        compare_ranks(reference, reference, measures=["pooled_recall@10"])
+    with pytest.raises(ValueError, match="Unknown measure 'ndcg'"):
+        per_question_values(reference, "ndcg")
+
+
+def test_ranks_round_trip_through_npz_without_pickle(tmp_path):
+    ranks = two_language_ranks([0, 3], [1, 0], pooled=[[0, 20], [30, 40]])
+    save_ranks(ranks, tmp_path / "ranks.npz")
+    loaded = load_ranks(tmp_path / "ranks.npz")
+    assert loaded.question_ids == ranks.question_ids and list(loaded.ranks) == ["en", "de"]
+    for language in ("en", "de"):
+        np.testing.assert_array_equal(loaded.ranks[language], ranks.ranks[language])
+        np.testing.assert_array_equal(loaded.pooled[language], ranks.pooled[language])
+    assert not list(tmp_path.glob("*.tmp*")) and (tmp_path / "ranks.npz").stat().st_size > 0

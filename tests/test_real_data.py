@@ -123,8 +123,9 @@ def test_counts_per_language(xquad):
 
 def test_sentence_table_and_question_sentence_pairs(xquad_tables):
     sentences = xquad_tables["sentences.parquet"]
-    assert list(sentences[0]) == ["id", "sentence", "context", "title", "language", "split"]
+    assert list(sentences[0]) == ["id", "sentence", "context", "title", "language", "split", "paragraph"]
     by_id = {row["id"]: row for row in sentences}
+    assert all(row["id"].rsplit("/", 1)[0] == row["paragraph"] for row in sentences)
     assert len(by_id) == len(sentences) == sum(SENTENCES_PER_LANGUAGE.values())
     assert by_id["en/0/0/0"]["title"] == "Super Bowl 50" and "_" not in by_id["en/18/0/0"]["title"]
     for split, count in (("train", 816 * 11), ("test", 374 * 11)):
@@ -150,6 +151,27 @@ def test_translation_pairs_join_one_question_in_two_languages(xquad, xquad_table
     train = [q for q in xquad.questions if q["split"] == "train"]
     assert xquad_r.translation_pairs(train, seed=0) == pairs
     assert xquad_r.translation_pairs(train, seed=1) != pairs
+
+
+def test_crosslingual_pairs_join_a_question_to_its_gold_sentence_in_another_language(xquad, xquad_tables):
+    gold = {(q["id"], q["language"]): q["gold_id"] for q in xquad.questions}
+    text = {(q["id"], q["language"]): q["question"] for q in xquad.questions}
+    sentences = {row["id"]: row for row in xquad_tables["sentences.parquet"]}
+    pairs = xquad_tables["pairs/query_sentence_crosslingual_train.parquet"]
+    assert len(pairs) == 816 * 11 * 2
+    for pair in pairs:
+        assert pair["language"] != pair["candidate_language"]
+        assert pair["query"] == text[(pair["question_id"], pair["language"])]
+        assert pair["candidate_id"] == gold[(pair["question_id"], pair["candidate_language"])]
+        sentence = sentences[pair["candidate_id"]]
+        assert sentence["language"] == pair["candidate_language"] and sentence["split"] == "train"
+    # Same seed, same drawn languages as the query→query pairs; another seed draws others.
+    translations = xquad_tables["pairs/query_query_train.parquet"]
+    assert [(p["question_id"], p["language"], p["candidate_language"]) for p in pairs] == [
+        (p["question_id"], p["language"], p["candidate_language"]) for p in translations
+    ]
+    train = [q for q in xquad.questions if q["split"] == "train"]
+    assert xquad_r.crosslingual_pairs(train, seed=1) != pairs
 
 
 def test_xquad_dev_split_is_carved_from_train_articles_only(xquad):
@@ -182,6 +204,7 @@ def test_xquad_dev_pairs_are_written_and_kept_out_of_training(tmp_path):
     prepare_real_source("xquad_r", ROOT, tmp_path, {"dev_split": True, "languages": languages}, show_progress_bar=False)
     pairs = {split: pq.read_table(tmp_path / f"pairs/query_sentence_{split}.parquet").to_pylist() for split in SPLITS}
     translations = pq.read_table(tmp_path / "pairs/query_query_train.parquet").to_pylist()
+    translations += pq.read_table(tmp_path / "pairs/query_sentence_crosslingual_train.parquet").to_pylist()
     default = build_xquad_r_tables(ROOT, languages=languages, show_progress_bar=False)
     assert pairs["test"] == default["pairs/query_sentence_test.parquet"].to_pylist()
     old_train = default["pairs/query_sentence_train.parquet"].to_pylist()

@@ -77,7 +77,8 @@ class XQuADR:
 
     Attributes:
         sentences: Entity rows: ``id`` (``"{lang}/{article}/{paragraph}/{sentence}"``), the text fields
-            ``sentence``, ``context``, ``title``, and the metadata ``language`` and ``split``.
+            ``sentence``, ``context``, ``title``, and the metadata ``language``, ``split`` and ``paragraph``
+            (``"{lang}/{article}/{paragraph}"``: a group whose other sentences make hard negatives).
         questions: ``id`` (shared by the translations of a question), ``question``, ``language``,
             ``split`` and ``gold_id`` (the id of the sentence holding the answer).
     """
@@ -122,6 +123,7 @@ def load_xquad_r(root: str | Path, *, languages: Sequence[str] = LANGUAGES, dev_
                             "title": title,
                             "language": language,
                             "split": split,
+                            "paragraph": prefix,
                         }
                     )
                 for qa in paragraph["qas"]:
@@ -138,32 +140,33 @@ def load_xquad_r(root: str | Path, *, languages: Sequence[str] = LANGUAGES, dev_
     return XQuADR(sentences, questions)
 
 
-def translation_pairs(
-    questions: Sequence[Mapping[str, Any]], *, per_question: int = 2, seed: int = 0
+def paired_languages(
+    questions: Sequence[Mapping[str, Any]], candidate_field: str, *, per_question: int, seed: int
 ) -> list[dict[str, str]]:
-    """Query→query pairs: each question in language a → the same question in ``per_question`` other languages.
+    """Rows pairing each question in language a with field ``candidate_field`` of the same question in language b.
 
-    The other languages are drawn without replacement from a ``numpy`` generator seeded with ``seed``,
-    afresh for every (question, language a), in the order of ``questions``.
+    The ``per_question`` languages b (other than a) are drawn without replacement from a ``numpy`` generator
+    seeded with ``seed``, afresh for every (question, language a), in the order of ``questions``; so two pair
+    sets built with the same seed pair the same languages.
 
     Returns:
-        Rows with ``query`` (text in a), ``candidate_id`` (text in b: query→query candidates are texts),
-        ``language`` (a), ``candidate_language`` (b) and ``question_id``.
+        Rows with ``query`` (text in a), ``candidate_id`` (``candidate_field`` in b), ``language`` (a),
+        ``candidate_language`` (b) and ``question_id``.
     """
-    text: dict[str, dict[str, str]] = {}  # question id → language → text
+    by_question: dict[str, dict[str, Mapping[str, Any]]] = {}  # question id → language → question row
     for question in questions:
-        text.setdefault(question["id"], {})[question["language"]] = question["question"]
+        by_question.setdefault(question["id"], {})[question["language"]] = question
     rng = np.random.default_rng(seed)
     rows = []
-    for question_id, by_language in text.items():
+    for question_id, by_language in by_question.items():
         languages = sorted(by_language)
         for language in languages:
             others = [other for other in languages if other != language]
             for other in rng.choice(others, size=min(per_question, len(others)), replace=False):
                 rows.append(
                     {
-                        "query": by_language[language],
-                        "candidate_id": by_language[other],
+                        "query": by_language[language]["question"],
+                        "candidate_id": by_language[str(other)][candidate_field],
                         "language": language,
                         "candidate_language": str(other),
                         "question_id": question_id,
@@ -172,12 +175,46 @@ def translation_pairs(
     return rows
 
 
+def translation_pairs(
+    questions: Sequence[Mapping[str, Any]], *, per_question: int = 2, seed: int = 0
+) -> list[dict[str, str]]:
+    """Query→query pairs: each question in language a → the same question in ``per_question`` other languages.
+
+    Rows as ``paired_languages`` gives them; ``candidate_id`` is the question's text in language b
+    (query→query candidates are texts).
+    """
+    return paired_languages(questions, "question", per_question=per_question, seed=seed)
+
+
+def crosslingual_pairs(
+    questions: Sequence[Mapping[str, Any]], *, per_question: int = 2, seed: int = 0
+) -> list[dict[str, str]]:
+    """Question → sentence pairs across languages: a question in language a → its gold sentence in language b.
+
+    The same question's gold sentence in each language is the translation of one sentence, so these pairs
+    teach the query tower to place a question near the answer whatever the answer's language (LAReQA's
+    "language-agnostic" retrieval, measured by the pooled Recall@10). Rows as ``paired_languages`` gives
+    them; ``candidate_id`` is the gold sentence id in language b.
+
+    Example:
+        ::
+
+            questions = [
+                {"id": "q1", "language": "de", "question": "Wer?", "gold_id": "de/0/0/1"},
+                {"id": "q1", "language": "en", "question": "Who?", "gold_id": "en/0/0/2"},
+            ]
+            crosslingual_pairs(questions, per_question=1)[0]["candidate_id"]  # 'en/0/0/2'
+    """
+    return paired_languages(questions, "gold_id", per_question=per_question, seed=seed)
+
+
 def build_xquad_r_tables(
     root: str | Path,
     *,
     languages: Sequence[str] = LANGUAGES,
     seed: int = 0,
     translations_per_question: int = 2,
+    crosslingual_per_question: int = 2,
     dev_split: bool = False,
     compat_encoder: str | None = None,
     compat_feature: str = "e5_embedding",
@@ -195,6 +232,8 @@ def build_xquad_r_tables(
         languages: Languages to include (default all 11).
         seed: Seed of the translation-pair languages.
         translations_per_question: Other languages b drawn per question and language a.
+        crosslingual_per_question: Other languages b of the cross-lingual pairs per question and language a
+            (see ``crosslingual_pairs``).
         dev_split: Hold out the dev articles of ``article_split`` from training: their questions go to
             ``pairs/query_sentence_dev.parquet`` instead of the train pairs and the translation pairs.
         compat_encoder: Local encoder folder for the pre-existing ``compat_feature`` column, or None for no
@@ -211,7 +250,8 @@ def build_xquad_r_tables(
         ``sentences.parquet`` (``id``, ``sentence``, ``context``, ``title``, ``language``, ``split`` [, the
         compat column]); ``pairs/query_sentence_{train,test}.parquet`` (``query``, ``candidate_id``,
         ``language``, ``question_id``), and ``..._dev.parquet`` with ``dev_split``;
-        ``pairs/query_query_train.parquet`` (see ``translation_pairs``).
+        ``pairs/query_query_train.parquet`` (see ``translation_pairs``) and
+        ``pairs/query_sentence_crosslingual_train.parquet`` (see ``crosslingual_pairs``), train articles only.
 
     Example:
         ::
@@ -219,7 +259,8 @@ def build_xquad_r_tables(
             tables = build_xquad_r_tables("../shared/data")
             {name: table.num_rows for name, table in tables.items()}
             # {'sentences.parquet': 13014, 'pairs/query_sentence_train.parquet': 8976,
-            #  'pairs/query_sentence_test.parquet': 4114, 'pairs/query_query_train.parquet': 17952}
+            #  'pairs/query_sentence_test.parquet': 4114, 'pairs/query_query_train.parquet': 17952,
+            #  'pairs/query_sentence_crosslingual_train.parquet': 17952}
     """
     data = load_xquad_r(root, languages=languages, dev_split=dev_split)
     sentences = pa.Table.from_pylist(data.sentences)
@@ -268,6 +309,8 @@ def build_xquad_r_tables(
     columns = ("query", "candidate_id", "language", "candidate_language", "question_id")
     schema = pa.schema([(column, pa.string()) for column in columns])  # typed even when empty (one language)
     tables["pairs/query_query_train.parquet"] = pa.Table.from_pylist(pairs, schema=schema)
+    pairs = crosslingual_pairs(train, per_question=crosslingual_per_question, seed=seed)
+    tables["pairs/query_sentence_crosslingual_train.parquet"] = pa.Table.from_pylist(pairs, schema=schema)
     return tables
 
 
@@ -278,7 +321,9 @@ __all__ = [
     "XQuADR",
     "article_split",
     "build_xquad_r_tables",
+    "crosslingual_pairs",
     "gold_sentence_index",
     "load_xquad_r",
+    "paired_languages",
     "translation_pairs",
 ]

@@ -11,20 +11,25 @@ from .benchmarks import (
     xquad_metrics,
 )
 from .bootstrap import PairedBootstrap, paired_bootstrap
+from .comparison import compare_ranks, load_ranks, per_question_values, save_ranks
 from .recall import RecallEvaluator, positive_ranks, ranks_from_scores, recall_metrics
 
 __all__ = [
     "PairedBootstrap",
     "QuestionRanks",
     "RecallEvaluator",
+    "compare_ranks",
     "evaluate_epqa",
     "evaluate_xquad",
+    "load_ranks",
     "paired_bootstrap",
+    "per_question_values",
     "positive_ranks",
     "rank_epqa",
     "rank_xquad",
     "ranks_from_scores",
     "ranks_of_relevant",
     "recall_metrics",
+    "save_ranks",
     "xquad_metrics",
 ]
