@@ -25,6 +25,10 @@ every chunk; a different table path or entity type is refused (it is another out
 A chunk's ``tag`` hashes the plan together with the chunk's bytes, so a chunk computed under another plan,
 copied in from another folder, truncated or with flipped bytes is never reused: it is recomputed. A
 resumed run therefore never mixes chunks of two tables or two models.
+
+The same folder is written by the Ray Data engine (``ray_inference``): it embeds with the same per-row code
+(``entity_rows``) and keeps its chunks, plan and manifest through the public functions below, so the two
+engines' folders are interchangeable, and a run of one resumes from the chunks of the other.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ..data.tables import EntityTable, file_sha256, table_files, table_fingerpri
 from ..devices import has_accelerator
 from ..modeling import ItemSageConfig, ItemSageModel, OmniSearchSageEntityConfig, OmniSearchSageEntityModel
 from .chunk_files import CHUNKS, chunk_rows, read_chunk, write_chunk
+from .entity_rows import check_features, embed_rows
 from .folders import check_file_sha256, read_json, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -67,7 +72,6 @@ _IDENTITY = ("table", "entity_type")
 _CONFIG_ORIGIN = ("_name_or_path", "transformers_version", "architectures", "auto_map", "dtype")
 # Tokenizer settings besides its vocabulary files that change the ids of a text.
 _TOKENIZER_SETTINGS = ("oov_buckets", "max_chars_per_field")
-_SHOWN_IDS = 5  # ids an error message lists before "… and N more"
 _RERUN = "Run `omnisearchsage-embed` again with this --out folder: it recomputes what is damaged."
 
 
@@ -213,6 +217,50 @@ def embed_entity_table(
         # (20000, 256)
         ```
     """
+    features = check_model(model, chunk_size)
+    state = state or process_state()
+    output_dir = Path(output_dir)
+    version = file_versions(table)  # before reading and hashing: a rewrite from here on is caught below
+    entities = EntityTable.read(table, name=str(table), columns=features)
+    read = entities.table.column_names
+    all_null = [
+        n for n in features if n in read and len(entities) and entities.table.column(n).null_count == len(entities)
+    ]
+    check_features(entities, features, table_schema(table).names, all_null, warn=state.is_main_process)
+    plan = make_plan(model, table, rows=len(entities), chunk_size=chunk_size, entity_type=entity_type)
+    check_unchanged(table, version)
+    num_chunks = math.ceil(len(entities) / chunk_size)
+    if state.is_main_process:
+        prepare_output(output_dir, plan)
+    state.wait_for_everyone()
+    _check_plan(output_dir, plan)  # on every process after the barrier, so all raise together
+    if (output_dir / MANIFEST).is_file():
+        return output_dir if state.is_main_process else None  # finished earlier, and intact (prepare_output)
+
+    model.to(state.device)
+    run = plan_id(plan)
+    mine = process_chunks(num_chunks, state.process_index, state.num_processes)
+    todo = [chunk for chunk in mine if read_chunk(output_dir, chunk, run) is None]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"Embedding {entity_type} chunks",
+               disable=not (show_progress_bar and state.is_main_process))  # fmt: skip
+    for chunk in todo:
+        rows = chunk_rows(len(entities), chunk_size, chunk)
+        vectors = embed_rows(model, entities, rows, batch_size)  # (len(rows), dim)
+        write_chunk(output_dir, chunk, run, np.ascontiguousarray(vectors, dtype=np.float32))
+        bar.update(1)
+    bar.close()
+    write_process_record(output_dir, state.process_index, state.num_processes, list(mine), todo)
+
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    if Path(table).suffix.lower() == ".arrow":  # memory-mapped, not read up front: overwritten in place, it mixes
+        check_unchanged(table, version)
+    return merge_chunks(output_dir, entities.ids.to_pylist(), plan, model.config.out_dim)
+
+
+def check_model(model: torch.nn.Module, chunk_size: int) -> list[str]:
+    """The table columns ``model`` reads; raises unless it embeds entity tables and ``chunk_size`` is positive."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     model_type = getattr(model.config, "model_type", None)
@@ -221,140 +269,36 @@ def embed_entity_table(
             f"`model` must be an entity tower or ItemSage model (model_type one of {list(ENTITY_MODEL_TYPES)}), "
             f"got a {model_type!r} model; query towers embed queries, not entity tables."
         )
-    state = state or process_state()
-    output_dir = Path(output_dir)
-    features = model.config.input_features()
-    version = _file_versions(table)  # before reading and hashing: a rewrite from here on is caught below
-    entities = EntityTable.read(table, name=str(table), columns=features)
-    _check_features(entities, features, table_schema(table).names, warn=state.is_main_process)
-    plan = {
+    return model.config.input_features()
+
+
+def make_plan(
+    model: torch.nn.Module, table: str | os.PathLike, *, rows: int, chunk_size: int, entity_type: str
+) -> dict:
+    """What an output folder's chunks are computed from (``plan.json``, and the manifest's first fields)."""
+    return {
         "table": str(Path(table).resolve()),
         "table_sha256": table_fingerprint(table),
-        "rows": len(entities),
+        "rows": rows,
         "chunk_size": chunk_size,
         "entity_type": entity_type,
         "model": model_fingerprint(model),
     }
-    _check_unchanged(table, version)
-    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-    num_chunks = math.ceil(len(entities) / chunk_size)
-    if state.is_main_process:
-        _prepare_folder(output_dir, plan)
-    state.wait_for_everyone()
-    _check_plan(output_dir, plan)  # on every process after the barrier, so all raise together
-    if (output_dir / MANIFEST).is_file():
-        return output_dir if state.is_main_process else None  # finished earlier, and intact (_prepare_folder)
-
-    model.to(state.device)
-    mine = process_chunks(num_chunks, state.process_index, state.num_processes)
-    todo = [chunk for chunk in mine if read_chunk(output_dir, chunk, plan_id) is None]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"Embedding {entity_type} chunks",
-               disable=not (show_progress_bar and state.is_main_process))  # fmt: skip
-    for chunk in todo:
-        rows = chunk_rows(len(entities), chunk_size, chunk)
-        vectors = _embed_chunk(model, entities, rows, batch_size)  # (len(rows), dim)
-        write_chunk(output_dir, chunk, plan_id, np.ascontiguousarray(vectors, dtype=np.float32))
-        bar.update(1)
-    bar.close()
-    record = {
-        "process_index": state.process_index,
-        "num_processes": state.num_processes,
-        "chunks": list(mine),
-        "embedded": todo,
-    }
-    (output_dir / PROCESSES).mkdir(exist_ok=True)
-    _write_json(output_dir / PROCESSES / f"{state.process_index}.json", record)
-
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    if Path(table).suffix.lower() == ".arrow":  # memory-mapped, not read up front: overwritten in place, it mixes
-        _check_unchanged(table, version)
-    return _merge(output_dir, entities.ids.to_pylist(), num_chunks, plan, plan_id, model.config.out_dim)
 
 
-def _check_features(entities: EntityTable, features: list[str], columns: list[str], *, warn: bool) -> None:
-    """Refuse a table (of ``columns``) where every feature the model reads is absent or null in every row;
-    with ``warn``, log how many are, when only some."""
-    missing = [name for name in features if name not in columns]
-    empty = [
-        n
-        for n in features
-        if n not in missing and len(entities) and entities.table.column(n).null_count == len(entities)
-    ]
-    if len(missing) + len(empty) == len(features):
-        null = f" ({empty} null in every row)" if empty else ""
-        raise ValueError(
-            f"Entity table {entities.name!r} has none of the columns the model reads: the model reads {features}, "
-            f"the table has {columns}{null}. Rename the table's columns to the model's feature names (or fill "
-            "them), or embed it with a model trained on these columns; otherwise every row would embed the same "
-            "empty entity."
-        )
-    if warn and missing:
-        logger.warning(
-            "Entity table %r lacks %d of the %d features the model reads: %s; they are empty for every row "
-            "(the table has %s).",
-            entities.name, len(missing), len(features), missing, columns,
-        )  # fmt: skip
-    if warn and empty:
-        logger.warning(
-            "Entity table %r: %d of the %d features the model reads are null in all %d rows: %s.",
-            entities.name, len(empty), len(features), len(entities), empty,
-        )  # fmt: skip
+def plan_id(plan: dict) -> str:
+    """The SHA-256 of a plan, which every chunk file's tag includes (``chunk_files.chunk_tag``)."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def _embed_chunk(model: torch.nn.Module, entities: EntityTable, rows: range, batch_size: int) -> np.ndarray:
-    """``(len(rows), dim)`` embeddings of table rows ``rows``, all finite; else an error naming the bad rows' ids.
-
-    When the model rejects the chunk (a feature value it cannot use) or returns NaN/inf, the chunk is split
-    in halves until the failing rows are found, so the error lists their ids, not a position in a batch.
-    """
-    batch = entities.rows(np.arange(rows.start, rows.stop))
-    vectors, problem = _try_encode(model, batch, batch_size)
-    if problem is None:
-        return vectors
-    # Rows that fail on their own; none if only the whole chunk fails (then it is named by its row range).
-    bad = _failing_rows(model, batch, batch_size, rows.start) or list(rows)
-    ids = [entities.ids[row].as_py() for row in bad[:_SHOWN_IDS]]
-    more = f" and {len(bad) - len(ids)} more" if len(bad) > len(ids) else ""
-    raise ValueError(
-        f"Entity table {entities.name!r}: {len(bad)} row(s) cannot be embedded: ids {ids}{more}. {problem} "
-        "Fix or drop those rows (dense feature values must be finite and of a plausible size: values like 1e25 "
-        "overflow float32 inside the model) and run again; finished chunks are kept."
-    )
-
-
-def _try_encode(model: torch.nn.Module, batch: list[dict], batch_size: int) -> tuple[np.ndarray | None, str | None]:
-    """(embeddings, None), or (None, why) when the model rejects ``batch`` or returns NaN/inf for it."""
-    try:
-        vectors = model.encode(batch, batch_size=batch_size, show_progress_bar=False)  # (len(batch), dim)
-    except (TypeError, ValueError) as error:
-        return None, f"The model says: {error}"
-    if not np.isfinite(vectors).all():
-        return None, "They embed to NaN or inf."
-    return vectors, None
-
-
-def _failing_rows(model: torch.nn.Module, batch: list[dict], batch_size: int, first_row: int) -> list[int]:
-    """Table rows of ``batch`` (which starts at ``first_row``) that fail on their own, found by halving."""
-    if len(batch) == 1:
-        return [first_row]
-    half = len(batch) // 2
-    return [
-        row
-        for part, start in ((batch[:half], first_row), (batch[half:], first_row + half))
-        if _try_encode(model, part, batch_size)[1] is not None
-        for row in _failing_rows(model, part, batch_size, start)
-    ]
-
-
-def _file_versions(table: str | os.PathLike) -> list[tuple[str, int, int]]:
+def file_versions(table: str | os.PathLike) -> list[tuple[str, int, int]]:
     """(file, size, modification time) of every file of the table."""
     return [(str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in table_files(table)]
 
 
-def _check_unchanged(table: str | os.PathLike, version: list[tuple[str, int, int]]) -> None:
-    if _file_versions(table) != version:
+def check_unchanged(table: str | os.PathLike, version: list[tuple[str, int, int]]) -> None:
+    """Raise if the table's files differ from ``version`` (:func:`file_versions` taken before it was read)."""
+    if file_versions(table) != version:
         raise ValueError(
             f"Entity table {str(table)!r} changed while it was being embedded. Run again once it is written; "
             "chunks of the earlier version are not reused."
@@ -365,7 +309,16 @@ def _write_json(path: Path, content: dict) -> None:
     write_text_atomically(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-def _prepare_folder(output_dir: Path, plan: dict) -> None:
+def write_process_record(
+    output_dir: Path, process_index: int, num_processes: int, chunks: list[int], embedded: list[int]
+) -> None:
+    """``processes/<process_index>.json``: the chunks a process was given and those it embedded."""
+    record = {"process_index": process_index, "num_processes": num_processes, "chunks": chunks, "embedded": embedded}
+    (output_dir / PROCESSES).mkdir(exist_ok=True)
+    _write_json(output_dir / PROCESSES / f"{process_index}.json", record)
+
+
+def prepare_output(output_dir: Path, plan: dict) -> None:
     """Make ``output_dir`` hold only chunks of ``plan`` (main process, before the others look at it).
 
     A folder of another table path or entity type is refused; a plan that differs otherwise (table
@@ -412,14 +365,15 @@ def _check_plan(output_dir: Path, plan: dict) -> None:
         )
 
 
-def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict, plan_id: str, dim: int) -> Path:
+def merge_chunks(output_dir: Path, ids: list[str], plan: dict, dim: int) -> Path:
     """Concatenate the chunks into ``embeddings.npy`` (streamed, memory is one chunk) and write the rest."""
     missing = []
+    num_chunks, run = math.ceil(len(ids) / plan["chunk_size"]), plan_id(plan)
 
     def write_embeddings(tmp: str) -> None:
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), dim))
         for chunk in range(num_chunks):
-            vectors = read_chunk(output_dir, chunk, plan_id)
+            vectors = read_chunk(output_dir, chunk, run)
             if vectors is None:
                 missing.append(chunk)
                 continue
@@ -442,9 +396,18 @@ def _merge(output_dir: Path, ids: list[str], num_chunks: int, plan: dict, plan_i
 
 __all__ = [
     "ENTITY_MODEL_TYPES",
+    "MANIFEST",
     "EntityEmbeddings",
+    "check_model",
+    "check_unchanged",
     "embed_entity_table",
+    "file_versions",
+    "make_plan",
+    "merge_chunks",
     "model_fingerprint",
+    "plan_id",
+    "prepare_output",
     "process_chunks",
     "process_state",
+    "write_process_record",
 ]
