@@ -109,8 +109,9 @@ def embed_entity_table_with_ray(
             saved folder (safetensors, config, tokenizer) and each actor checks that what it loaded has the
             same fingerprint.
         table: A parquet file or a folder of parquet files (read in sorted file order, as the single-machine
-            engine does) with an ``id`` column and the tower's feature columns. Other formats are refused:
-            convert them to parquet, or use the single-machine engine.
+            engine does) with an ``id`` column and the tower's feature columns, at a path every node of the
+            cluster can read (a shared file system). Other formats are refused: convert them to parquet, or use
+            the single-machine engine.
         output_dir: Output folder (created if missing); reuse it to resume.
         entity_type: The table's entity type, recorded for index building (e.g. ``pin``, ``product``).
         chunk_size: Rows per chunk file (default 50,000), as in the single-machine engine.
