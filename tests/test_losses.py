@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnisearchsage_hf.training.losses import SampledSoftmaxLoss, accidental_hits, sampled_softmax_cross_entropy
+from omnisearchsage_hf.training.losses import SampledSoftmaxLoss
+from omnisearchsage_hf.training.sampled_softmax import accidental_hits, sampled_softmax_cross_entropy
 
 # One process, 4 pairs (query id, positive id): (5, 10), (6, 11), (7, 10), (6, 12); 5 random negatives.
 QUERY_IDS = [5, 6, 7, 6]

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
 from ..tokenization import OmniSearchSageTokenizer
-from ..training.config import TrainingConfig
+from ..training.config import TaskConfig, TrainingConfig
 
 CardKind = Literal["query", "entity", "query_document", "tokenizer"]
 CARD_KINDS: tuple[str, ...] = ("query", "entity", "query_document", "tokenizer")
@@ -137,13 +137,25 @@ def _evaluation_section(metrics: Mapping[str, float] | None, training: TrainingC
     )
 
 
+def _hard_negatives(task: TaskConfig) -> str:
+    """The task's hard negatives in words: how many per pair, and from where."""
+    if not task.num_hard_negatives:
+        return "0"
+    if task.hard_negatives_group is not None:
+        return f"{task.num_hard_negatives}, same `{task.hard_negatives_group}`"
+    return f"{task.num_hard_negatives}, mined (`{Path(task.hard_negatives).name}`)"
+
+
 def _training_section(training: TrainingConfig | None) -> str:
     if training is None:
         return "## Training\n\nThe training configuration of this model was not recorded with it."
     data, train, loss = training.data, training.train, training.loss
     source = data.source + (f" ({_SOURCE_DATASETS[data.source]})" if data.source in _SOURCE_DATASETS else "")
-    tasks = ["| Task | Candidates | Share | Random negatives |", "|---|---|---|---|"]
-    tasks += [f"| {t.name} | `{t.candidate}` | {t.share:g} | {t.num_random_negatives} |" for t in data.tasks]
+    tasks = ["| Task | Candidates | Share | Random negatives | Hard negatives per pair |", "|---|---|---|---|---|"]
+    tasks += [
+        f"| {t.name} | `{t.candidate}` | {t.share:g} | {t.num_random_negatives} | {_hard_negatives(t)} |"
+        for t in data.tasks
+    ]
     return (
         "## Training\n\n"
         f"Multi-task sampled softmax with in-batch and random negatives (logQ correction: {loss.logq_correction}; "

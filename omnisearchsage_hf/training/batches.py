@@ -1,8 +1,9 @@
 """Collation: the pairs, negatives and tower inputs of one micro-step, as a pure function of the step.
 
 Every task reads its pairs for the step (``tasks.pair_indices``: a pure function of seed, step and
-rank), draws its random negatives, and adds its queries and candidates to the step's two shared tower
-inputs: all query texts go through one query-tower call and all entity rows through one entity-tower call;
+rank), draws its random and hard negatives (``hard_negatives.draw_hard_negatives``), and adds its
+queries and candidates to the step's two shared tower inputs: all query texts go through one
+query-tower call and all entity rows (hard negatives included) through one entity-tower call;
 ``TaskBatch`` records which rows of those outputs are the task's. Because nothing here keeps state, a
 resumed run collates exactly what the killed run would have.
 """
@@ -14,10 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
 from .config import TaskConfig
+from .hard_negatives import MISSING, draw_hard_negatives
 from .pairs import TrainingData
 from .tasks import pair_indices, random_negative_indices
 
@@ -32,9 +35,12 @@ class TaskBatch:
         candidates: Rows of the candidate tower's output (query-tower output for ``query`` tasks,
             entity-tower output for ``entity`` tasks) ``(n,)``; unused for ``compat`` tasks.
         negatives: Rows of random negatives in the same output ``(m,)`` (empty when disabled).
-        compat_candidates, compat_negatives: ``(n, dim)`` / ``(m, dim)`` pre-existing embeddings for
-            ``compat`` tasks.
-        query_ids, candidate_ids, negative_ids: int64 ids for accidental-hit masking and frequencies.
+        hard_negatives: Rows of hard negatives in the entity-tower output ``(k,)``: the distinct entities
+            drawn for this task's pairs (``k <= n * num_hard_negatives``; empty when disabled or none drawn).
+        compat_candidates, compat_negatives, compat_hard_negatives: ``(n, dim)`` / ``(m, dim)`` / ``(k, dim)``
+            pre-existing embeddings for ``compat`` tasks.
+        query_ids, candidate_ids, negative_ids, hard_negative_ids: int64 ids for accidental-hit masking and
+            frequencies (entity ids are candidate-table rows).
         negative_log_q: ``(m,)`` log sampling probability of each random negative.
         query_vectors: ``(n, dim)`` fixed pre-existing query-side embeddings (a ``query_feature`` task,
             e.g. pins' PinSage embeddings for pin → product), or None for query-tower queries.
@@ -47,8 +53,11 @@ class TaskBatch:
     negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     negative_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     negative_log_q: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    hard_negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    hard_negative_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     compat_candidates: torch.Tensor | None = None
     compat_negatives: torch.Tensor | None = None
+    compat_hard_negatives: torch.Tensor | None = None
     query_vectors: torch.Tensor | None = None
 
 
@@ -130,6 +139,21 @@ def collate(
         negatives = random_negative_indices(
             pool, count=task.num_random_negatives, seed=seed, step=micro_step, rank=rank, task=index
         )
+        hard = np.zeros(0, dtype=np.int64)
+        if task.name in data.hard_negatives:
+            hard_pool = data.hard_negatives[task.name]
+            drawn = draw_hard_negatives(
+                hard_pool,
+                hard_pool.keys(pairs.query_ids[picked], candidates),
+                candidates,
+                count=task.num_hard_negatives,
+                seed=seed,
+                step=micro_step,
+                rank=rank,
+                task=index,
+            )  # (n, num_hard_negatives)
+            # Every row scores all of them (shared columns): each entity once; empty slots are simply absent.
+            hard = np.unique(drawn[drawn != MISSING])  # (k,)
         if task.query_feature is None:
             queries, query_vectors = add(query_texts, pairs.queries(picked)), None
         else:
@@ -147,6 +171,7 @@ def collate(
             negative_ids=torch.from_numpy(negatives),
             # Uniform sampling: each draw picks a given candidate with probability 1 / pool.
             negative_log_q=torch.full((len(negatives),), math.log(max(len(negatives), 1) / pool)),
+            hard_negative_ids=torch.from_numpy(hard),
         )
         if kind == "query":
             texts = pairs.candidate_texts
@@ -155,11 +180,14 @@ def collate(
         elif kind == "entity":
             batch.candidates = add(entity_rows, table.rows(candidates))
             batch.negatives = add(entity_rows, table.rows(negatives)) if len(negatives) else batch.negatives
+            batch.hard_negatives = add(entity_rows, table.rows(hard)) if len(hard) else batch.hard_negatives
         else:
             feature, dim = task.candidate.feature, data.feature_dims[task.name]
             batch.compat_candidates = torch.from_numpy(table.dense(feature, candidates, dim))
             if len(negatives):
                 batch.compat_negatives = torch.from_numpy(table.dense(feature, negatives, dim))
+            if task.name in data.hard_negatives:
+                batch.compat_hard_negatives = torch.from_numpy(table.dense(feature, hard, dim))  # (k, dim)
         batches[task.name] = batch
     return StepBatch(
         _chunks(query_tower.tokenize, query_texts, chunk_size),

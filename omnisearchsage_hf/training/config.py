@@ -95,6 +95,16 @@ class TaskConfig:
             legacy query embedding), which keeps the candidate tower compatible with that space.
         engagements: Keep only the pairs whose ``engagement`` column is one of these (e.g. ``[checkout]``),
             for one task per engagement type; None keeps every pair.
+        num_hard_negatives: Hard negatives drawn per pair and step (0, the default, disables them); each
+            step draws them afresh from the pair's pool, without replacement and never the positive, and a
+            pool with fewer gives fewer (see ``hard_negatives.py``). Needs one of the two pools below.
+            Only for ``entity`` and ``compat`` candidates.
+        hard_negatives: Pool per query: a table written by ``omnisearchsage-mine`` (``query``,
+            ``negative_ids`` columns), ids of the candidate table. A relative path is relative to the
+            working directory (like a model folder), not to the prepared data folder.
+        hard_negatives_group: Pool per positive: the other entities of the candidate table with the same
+            value in this column (e.g. ``paragraph``: sentences of the gold sentence's paragraph).
+        hard_negatives_weight: Weight of the hard-negative cross-entropy in the task's loss (> 0).
     """
 
     name: str
@@ -106,6 +116,10 @@ class TaskConfig:
     num_random_negatives: int = 0
     query_feature: QueryFeature | str | None = None
     engagements: list[str] | None = None
+    num_hard_negatives: int = 0
+    hard_negatives: str | None = None
+    hard_negatives_group: str | None = None
+    hard_negatives_weight: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.candidate, Candidate):
@@ -347,6 +361,35 @@ def parse_overrides(arguments: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def validate_hard_negatives(task: TaskConfig) -> None:
+    """The hard-negative keys of one task: a count, exactly one pool, an entity or compat candidate."""
+    count, table, group = task.num_hard_negatives, task.hard_negatives, task.hard_negatives_group
+    where, weight = f"Task {task.name!r}", task.hard_negatives_weight
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{where}: `num_hard_negatives` must be an int >= 0 (0: off), got {count!r}.")
+    for key, value in (("hard_negatives", table), ("hard_negatives_group", group)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{where}: `{key}` must be a non-empty string or null, got {value!r}.")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ValueError(f"{where}: `hard_negatives_weight` must be a number > 0, got {weight!r}.")
+    if count == 0 and table is None and group is None:
+        return
+    if task.candidate.kind == "query":
+        raise ValueError(
+            f"{where}: hard negatives need an entity or compat candidate, not {str(task.candidate)!r} (its candidates "
+            "are texts, not table rows); remove `num_hard_negatives`, `hard_negatives` and `hard_negatives_group`."
+        )
+    if count == 0:
+        key = "hard_negatives" if table is not None else "hard_negatives_group"
+        raise ValueError(f"{where}: `{key}` is set but `num_hard_negatives` is 0; set it to how many to draw per pair.")
+    if (table is None) == (group is None):
+        raise ValueError(
+            f"{where}: `num_hard_negatives` {count} needs exactly one pool: `hard_negatives` (a table mined by "
+            f"omnisearchsage-mine) or `hard_negatives_group` (a column of table {task.table!r}), got "
+            f"hard_negatives={table!r}, hard_negatives_group={group!r}."
+        )
+
+
 def validate_config(config: TrainingConfig) -> None:
     """Cross-field checks that dataclass typing cannot express; errors name the key and the fix."""
     train = config.train
@@ -381,6 +424,7 @@ def validate_config(config: TrainingConfig) -> None:
             isinstance(engagements, list) and engagements and all(isinstance(e, str) for e in engagements)
         ):
             raise ValueError(f"Task {task.name!r}: `engagements` must be a non-empty list of names or null.")
+        validate_hard_negatives(task)
     architecture = config.model.entity_architecture
     if architecture not in ("omnisearchsage", "itemsage"):
         raise ValueError(f"`model.entity_architecture` must be 'omnisearchsage' or 'itemsage', got {architecture!r}.")
@@ -405,4 +449,5 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "validate_config",
+    "validate_hard_negatives",
 ]

@@ -1,10 +1,12 @@
 """Sampled softmax with logQ correction: the per-task training loss of OmniSearchSage (paper §3.5).
 
 Each task (a dataset of query-entity pairs plus a candidate tower) treats retrieval as classification
-over the whole catalogue, and approximates the softmax's denominator with two samples of it, whose
+over the whole catalogue, and approximates the softmax's denominator with samples of it, whose
 cross-entropies are summed: the positives of the (global) batch, and random entities of the catalogue.
 Both samples are biased towards what they were drawn from, so each negative's logit is corrected by
-``-log Q(n)`` (Yi et al., 2019), with Q estimated by count-min sketches (``frequency.py``).
+``-log Q(n)`` (Yi et al., 2019), with Q estimated by count-min sketches (``frequency.py``). A third,
+optional set, hard negatives (mined offline or drawn from the positive's group), is scored without that
+correction: see ``SampledSoftmaxLoss``.
 """
 
 from __future__ import annotations
@@ -20,89 +22,44 @@ from torch import Tensor, nn
 from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank
 from .frequency import ConditionalFrequencyEstimator, EstimatorGroup, FrequencyEstimator
 from .loss_inputs import check_finite_and_index, check_ids, check_matrix, check_vector
-
-
-def accidental_hits(
-    positive_ids: Tensor,
-    negative_ids: Tensor,
-    row_query_ids: Tensor | None = None,
-    negative_query_ids: Tensor | None = None,
-) -> Tensor:
-    """Which negatives must not count as negatives for each row: ``(B, K)`` bool.
-
-    A negative is an accidental hit when it is the row's positive entity, or (in-batch only, when query
-    ids are given) when it is another positive of the row's query: a query engaged twice, ``(q, p1)`` and
-    ``(q, p2)``, must not push ``p2`` away from ``q``.
-
-    Args:
-        positive_ids: ``(B,)`` entity id of each row's positive.
-        negative_ids: ``(K,)`` entity id of each negative column.
-        row_query_ids: ``(B,)`` query id of each row, or None to skip the same-query test.
-        negative_query_ids: ``(K,)`` query id each negative was paired with (in-batch candidates).
-    """
-    hits = negative_ids[None, :] == positive_ids[:, None]  # (B, K)
-    if row_query_ids is not None and negative_query_ids is not None:
-        hits = hits | (negative_query_ids[None, :] == row_query_ids[:, None])  # (B, K)
-    return hits
-
-
-def sampled_softmax_cross_entropy(
-    positive_scores: Tensor,
-    negative_scores: Tensor,
-    *,
-    scale: Tensor | float,
-    hits: Tensor,
-    positive_log_q: Tensor | None = None,
-    negative_log_q: Tensor | None = None,
-) -> Tensor:
-    """Mean cross-entropy of each row's positive against its negatives, with logQ correction and masks.
-
-    The one place where logits are built: row ``i``'s logits are ``[scale * s_i+ - log P_i, scale * s_ik -
-    log Q_k for each negative k]``, accidental hits are set to the dtype's minimum (after the correction,
-    so nothing overflows), and the target is column 0. Scores in half precision are promoted to float32.
-
-    Args:
-        positive_scores: ``(B,)`` similarity of each query with its positive.
-        negative_scores: ``(B, K)`` similarity of each query with each negative.
-        scale: Logit scale (inverse temperature), a float or 0-d tensor.
-        hits: ``(B, K)`` bool, True where a negative is masked (see :func:`accidental_hits`).
-        positive_log_q: ``(B,)`` subtracted from the positive logits (``log P(p|q)``), or None.
-        negative_log_q: ``(K,)`` subtracted from every row's negative logits (``log Q(n)``), or None.
-
-    Returns:
-        0-d tensor, the mean over rows.
-    """
-    dtype = torch.promote_types(negative_scores.dtype, torch.float32)
-    positive_logits = scale * positive_scores.to(dtype)  # (B,)
-    negative_logits = scale * negative_scores.to(dtype)  # (B, K)
-    if positive_log_q is not None:
-        positive_logits = positive_logits - positive_log_q.to(dtype)  # (B,)
-    if negative_log_q is not None:
-        negative_logits = negative_logits - negative_log_q.to(dtype)[None, :]  # (B, K)
-    negative_logits = negative_logits.masked_fill(hits, torch.finfo(negative_logits.dtype).min)
-    logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)  # (B, 1 + K)
-    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, target)
+from .sampled_softmax import accidental_hits, sampled_softmax_cross_entropy
 
 
 class SampledSoftmaxLoss(nn.Module):
-    """Sampled softmax over in-batch and random negatives, with logQ correction, for one task.
+    """Sampled softmax over in-batch, random and hard negatives, with logQ correction, for one task.
 
-    For each query, the positive entity competes with two sets of negatives, each in its own softmax:
-    the positives of every other pair in the global batch (gathered across processes, with gradient),
-    and random entities of the catalogue. Popular entities appear often as in-batch negatives, so each
-    negative's logit is lowered by ``log Q(n)``, the log probability it was sampled, from a streaming
-    count-min sketch over the gathered candidate ids (or given by the random-negative sampler). As in the
+    For each query, the positive entity competes with up to three sets of negatives, each in its own
+    softmax: the positives of every other pair in the global batch (gathered across processes, with
+    gradient), random entities of the catalogue, and hard negatives. Popular entities appear often as
+    in-batch negatives, so each in-batch and random negative's logit is lowered by ``log Q(n)``, the log
+    probability it was sampled, from a streaming count-min sketch over the gathered candidate ids (or
+    given by the random-negative sampler). As in the
     reference code, the positive (column 0 of every row) is not logQ-corrected, unlike eq. 3 of the paper;
     optionally it is lowered by ``log P(p|q)`` instead ("positive correction"). Negatives that are the
     row's own positive, or (in-batch) another positive of the same query, are masked. The scale is
     learned in log space and capped. With Matryoshka dims, the same losses are computed on the
     renormalised first ``d`` dims of every embedding, weighted, and summed.
 
+    Hard negatives (``hard_negatives=True``) are entities close to a query but not engaged with it:
+    mined offline by an encoder (``data.hard_negatives.mine_hard_negatives``) or drawn from the positive's
+    group (same paragraph, same category). This process's rows bring ``K`` of them (up to ``H`` per row),
+    and every row's softmax gets all ``K`` as columns, ``[s+, s_h1 ... s_hK]``: a query is pushed away from
+    its own hard negatives and, for free, from those of the other rows, as sentence-transformers'
+    ``MultipleNegativesRankingLoss`` does with hard-negative columns. A column is masked for a row when it
+    is that row's positive (another row's hard negative can be it); a row with fewer than ``H`` negatives
+    just brings fewer columns (a missing slot is masked for every row), never duplicates. They are **not**
+    logQ-corrected: they were not drawn by popularity, so ``-log Q`` would not remove a sampling bias; it
+    would raise the logit of every rarely-seen hard negative by ``-log Q``, undoing what mining selected
+    them for. The positive logit is the same as in the other parts (same scale, same positive
+    correction), and Matryoshka dims apply as to the other parts. Hard negatives stay on their process.
+
     Args:
         in_batch_negatives: Use the global batch's positives as negatives (eq. 3 of the paper).
         random_negatives: Use random catalogue entities as negatives (eq. 4-5); ``forward`` then needs
             ``negative_embeddings`` and ``negative_ids``. At least one of the two must be on.
+        hard_negatives: Add the hard-negative cross-entropy (above); ``forward`` then needs
+            ``hard_negative_embeddings`` and ``hard_negative_ids`` (possibly 0 rows).
+        hard_negatives_weight: Weight of that part in the total (> 0; default 1.0).
         logq_correction: Subtract ``log Q(n)`` from negative logits.
         positive_correction: Subtract ``log P(p|q)`` (from two more sketches) from positive logits.
         matryoshka_dims: Prefix sizes ``d`` to train, e.g. ``(16, 32, ..., 512)``; None trains the full
@@ -130,10 +87,13 @@ class SampledSoftmaxLoss(nn.Module):
         | ``negative_ids``         | ``(M,)`` or None     | their entity ids                             |
         | ``negative_log_q``       | ``(M,)`` or None     | their ``log Q`` if the sampler knows it;     |
         |                          |                      | None estimates it with a sketch              |
+        | ``hard_negative_         | ``(K, Dc)`` or None  | hard negatives of this process's rows        |
+        | embeddings``             |                      | (``K`` may be 0)                             |
+        | ``hard_negative_ids``    | ``(K,)`` or None     | their entity ids                             |
         +--------------------------+----------------------+----------------------------------------------+
 
     Returns ``(total, parts)``: the 0-d weighted total, and detached per-part losses for logging, keyed
-    ``"in_batch"``/``"random"``, or ``"dim64/in_batch"``, ... with Matryoshka dims.
+    ``"in_batch"``/``"random"``/``"hard"``, or ``"dim64/in_batch"``, ... with Matryoshka dims.
 
     Distributed: ``forward`` is a collective (every process calls it, same order, same ``B`` and ``M``, and
     ``negative_log_q`` given on all processes or none). Random negatives stay local to their process. The
@@ -167,6 +127,8 @@ class SampledSoftmaxLoss(nn.Module):
         *,
         in_batch_negatives: bool = True,
         random_negatives: bool = True,
+        hard_negatives: bool = False,
+        hard_negatives_weight: float = 1.0,
         logq_correction: bool = True,
         positive_correction: bool = False,
         matryoshka_dims: Sequence[int] | None = None,
@@ -181,6 +143,8 @@ class SampledSoftmaxLoss(nn.Module):
         super().__init__()
         if not (in_batch_negatives or random_negatives):
             raise ValueError("Set `in_batch_negatives` or `random_negatives` (or both) to True: no negatives left.")
+        if not hard_negatives_weight > 0:
+            raise ValueError(f"`hard_negatives_weight` must be > 0, got {hard_negatives_weight!r}.")
         if not 0 < init_scale <= max_scale:
             raise ValueError(
                 f"Need 0 < `init_scale` <= `max_scale`, got init_scale={init_scale!r}, max_scale={max_scale!r}."
@@ -202,6 +166,7 @@ class SampledSoftmaxLoss(nn.Module):
             raise ValueError("`matryoshka_weights` needs `matryoshka_dims`; set both or neither.")
         self.in_batch_negatives = in_batch_negatives
         self.random_negatives = random_negatives
+        self.hard_negatives, self.hard_negatives_weight = hard_negatives, float(hard_negatives_weight)
         self.logq_correction = logq_correction
         self.positive_correction = positive_correction
         self.matryoshka_dims = matryoshka_dims
@@ -234,6 +199,8 @@ class SampledSoftmaxLoss(nn.Module):
         negative_embeddings: Tensor | None = None,
         negative_ids: Tensor | None = None,
         negative_log_q: Tensor | None = None,
+        hard_negative_embeddings: Tensor | None = None,
+        hard_negative_ids: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         batch_size = check_matrix("query_embeddings", query_embeddings)
         check_matrix("candidate_embeddings", candidate_embeddings, rows=batch_size)
@@ -289,6 +256,8 @@ class SampledSoftmaxLoss(nn.Module):
             negative_embeddings=negative_embeddings,
             negative_ids=negative_ids,
             negative_log_q=negative_log_q,
+            hard_negative_embeddings=hard_negative_embeddings,
+            hard_negative_ids=hard_negative_ids,
         )
 
     def compute_loss_from_embeddings(
@@ -304,6 +273,8 @@ class SampledSoftmaxLoss(nn.Module):
         negative_embeddings: Tensor | None = None,
         negative_ids: Tensor | None = None,
         negative_log_q: Tensor | None = None,
+        hard_negative_embeddings: Tensor | None = None,
+        hard_negative_ids: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Score embeddings that are already gathered; pure (no collectives, no sketch updates).
 
@@ -320,6 +291,8 @@ class SampledSoftmaxLoss(nn.Module):
             negative_embeddings: ``(M, Dc)`` random negatives; required when random negatives are on.
             negative_ids: ``(M,)`` their entity ids.
             negative_log_q: ``(M,)`` their ``log Q``; required with random negatives and logQ correction.
+            hard_negative_embeddings: ``(K, Dc)`` hard negatives, ``K >= 0``; required with hard negatives.
+            hard_negative_ids: ``(K,)`` their entity ids.
 
         Returns:
             ``(total, parts)`` as in the class docstring.
@@ -340,6 +313,19 @@ class SampledSoftmaxLoss(nn.Module):
             check_ids("negative_ids", negative_ids, num_negatives)
             check_vector("negative_log_q", negative_log_q, num_negatives, self.logq_correction, "logq_correction")
             finite.append(("negative_embeddings", negative_embeddings))
+        if self.hard_negatives:
+            if hard_negative_embeddings is None or hard_negative_ids is None:
+                raise ValueError(
+                    "hard_negatives=True needs `hard_negative_embeddings` and `hard_negative_ids` (0 rows when "
+                    "no row has any); pass them or build the loss with hard_negatives=False."
+                )
+            num_hard = hard_negative_embeddings.shape[0]
+            if num_hard:  # a step whose rows have no hard negative scores an empty set: a zero loss
+                check_matrix("hard_negative_embeddings", hard_negative_embeddings, cols=candidate_embeddings.shape[1])
+                finite.append(("hard_negative_embeddings", hard_negative_embeddings))
+            check_ids("hard_negative_ids", hard_negative_ids, num_hard)
+        elif hard_negative_embeddings is not None:
+            raise ValueError("`hard_negative_embeddings` were given but hard_negatives=False; drop them or enable it.")
         check_finite_and_index(finite, positive_index, num_candidates)
         plan = self._matryoshka_plan(query_embeddings.shape[1], candidate_embeddings.shape[1])
 
@@ -347,6 +333,10 @@ class SampledSoftmaxLoss(nn.Module):
         scale = self.scale
         if not self.positive_correction:
             positive_log_q = None
+        # Sampled sets scored against every row: (name, embeddings, ids, log Q). Hard negatives were not drawn
+        # by popularity, so they get no logQ correction (see the class docstring).
+        sampled = [("random", negative_embeddings, negative_ids, negative_log_q)] if self.random_negatives else []
+        sampled += [("hard", hard_negative_embeddings, hard_negative_ids, None)] if self.hard_negatives else []
         parts: dict[str, Tensor] = {}
         total = query_embeddings.new_zeros((), dtype=torch.promote_types(query_embeddings.dtype, torch.float32))
         for prefix, dim, weight in plan:
@@ -363,17 +353,18 @@ class SampledSoftmaxLoss(nn.Module):
                     positive_log_q=positive_log_q,
                     negative_log_q=candidate_log_q if self.logq_correction else None,
                 )
-            if self.random_negatives:
-                losses["random"] = sampled_softmax_cross_entropy(
+            for name, embeddings, ids, log_q in sampled:
+                losses[name] = sampled_softmax_cross_entropy(
                     positive_scores,
-                    queries @ _prefix(negative_embeddings, dim).T,  # (B, M)
+                    queries @ _prefix(embeddings, dim).T,  # (B, M) random or (B, K) hard
                     scale=scale,
-                    hits=accidental_hits(positive_ids, negative_ids),
+                    hits=accidental_hits(positive_ids, ids),
                     positive_log_q=positive_log_q,
-                    negative_log_q=negative_log_q if self.logq_correction else None,
+                    negative_log_q=log_q if self.logq_correction else None,
                 )
             for name, loss in losses.items():
-                total = total + weight * loss
+                part_weight = self.hard_negatives_weight if name == "hard" else 1.0
+                total = total + weight * part_weight * loss
                 parts[prefix + name] = loss.detach()
         return total, parts
 
@@ -406,6 +397,8 @@ class SampledSoftmaxLoss(nn.Module):
         return {
             "in_batch_negatives": self.in_batch_negatives,
             "random_negatives": self.random_negatives,
+            "hard_negatives": self.hard_negatives,
+            "hard_negatives_weight": self.hard_negatives_weight,
             "logq_correction": self.logq_correction,
             "positive_correction": self.positive_correction,
             "matryoshka_dims": self.matryoshka_dims,
@@ -449,4 +442,4 @@ def _prefix(embeddings: Tensor, dim: int | None) -> Tensor:
     return embeddings if dim is None else F.normalize(embeddings[:, :dim], p=2, dim=-1)  # (n, dim)
 
 
-__all__ = ["SampledSoftmaxLoss", "accidental_hits", "sampled_softmax_cross_entropy"]
+__all__ = ["SampledSoftmaxLoss"]

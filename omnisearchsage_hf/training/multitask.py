@@ -52,6 +52,8 @@ class MultiTaskModel(nn.Module):
                 task.name: SampledSoftmaxLoss(
                     in_batch_negatives=True,
                     random_negatives=task.num_random_negatives > 0,
+                    hard_negatives=task.num_hard_negatives > 0,
+                    hard_negatives_weight=task.hard_negatives_weight,
                     logq_correction=loss_config.logq_correction,
                     positive_correction=loss_config.positive_correction,
                     matryoshka_dims=loss_config.matryoshka_dims,
@@ -93,21 +95,26 @@ class MultiTaskModel(nn.Module):
         total = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         for name, task in batch.tasks.items():
-            kind = self.task_kinds[name]
+            kind, loss_fn = self.task_kinds[name], self.losses[name]
+            hard = None
             if kind == "compat":
                 tower = self.compat_towers[name]
                 candidates = tower(task.compat_candidates)  # (n, dim)
                 negatives = tower(task.compat_negatives) if task.compat_negatives is not None else None
+                if loss_fn.hard_negatives:
+                    hard = tower(task.compat_hard_negatives)  # (k, dim)
             else:
                 source = query_out if kind == "query" else entity_out
                 candidates = source[task.candidates]  # (n, out_dim)
                 negatives = source[task.negatives] if len(task.negatives) else None  # (m, out_dim)
+                if loss_fn.hard_negatives:
+                    hard = source[task.hard_negatives]  # (k, out_dim), k may be 0
             has_negatives = negatives is not None and len(negatives) > 0
             if task.query_vectors is not None:
                 queries = F.normalize(task.query_vectors.float(), p=2, dim=-1)  # fixed: no gradient
             else:
                 queries = query_out[task.queries]  # (n, out_dim)
-            loss, task_parts = self.losses[name](
+            loss, task_parts = loss_fn(
                 query_embeddings=queries,
                 candidate_embeddings=candidates,
                 query_ids=task.query_ids,
@@ -115,6 +122,8 @@ class MultiTaskModel(nn.Module):
                 negative_embeddings=negatives if has_negatives else None,
                 negative_ids=task.negative_ids if has_negatives else None,
                 negative_log_q=task.negative_log_q if has_negatives else None,
+                hard_negative_embeddings=hard,
+                hard_negative_ids=task.hard_negative_ids if hard is not None else None,
             )
             total = total + loss
             parts[name] = loss.detach()

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from ..data.tables import EntityTable, check_columns, iter_batches, read_table, table_schema
 from .config import DEFAULT_POPULARITY_CAPS, TaskConfig, TrainingConfig
+from .hard_negatives import HardNegativePool, load_pool
 
 
 @dataclass
@@ -206,6 +207,7 @@ class TrainingData:
         eval_pairs: Task name → held-out ``(query, candidate_id)`` pairs (tasks with ``eval_pairs``).
         query_rows: For ``query_feature`` tasks, the query entity's row of every pair.
         feature_dims: Task name → width of its fixed vectors (``compat`` candidates, ``query_feature``).
+        hard_negatives: Task name → its hard-negative pool (tasks with ``num_hard_negatives``).
     """
 
     tables: dict[str, EntityTable]
@@ -213,6 +215,7 @@ class TrainingData:
     eval_pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     query_rows: dict[str, np.ndarray] = field(default_factory=dict)
     feature_dims: dict[str, int] = field(default_factory=dict)
+    hard_negatives: dict[str, HardNegativePool] = field(default_factory=dict)
 
     def candidate_table(self, task: TaskConfig) -> EntityTable | None:
         return self.tables[task.table] if task.table is not None else None
@@ -248,9 +251,18 @@ def load_training_data(
         raise ValueError(f"Tasks use entity table(s) {missing}; declare them under `data.entities`.")
     extra = [task.candidate.feature for task in tasks if task.candidate.kind == "compat"]
     extra += [task.query_feature.feature for task in tasks if task.query_feature is not None]
+    # Group columns are read for the hard-negative pools only: as metadata, so entity rows leave them out.
+    groups = {task.hard_negatives_group for task in tasks if task.hard_negatives_group is not None}
+    groups -= {*entity_features, *extra}
     paths = {name: base / config.data.entities[name] for name in used} | (entity_paths or {})
     tables = {
-        name: EntityTable.read(paths[name], name=name, columns=[*entity_features, *extra], cache_dir=cache_dir)
+        name: EntityTable.read(
+            paths[name],
+            name=name,
+            columns=[*entity_features, *extra, *sorted(groups)],
+            metadata_columns=sorted(groups),
+            cache_dir=cache_dir,
+        )
         for name in sorted(used)
     }
     data = TrainingData(tables, {})
@@ -273,6 +285,8 @@ def load_training_data(
             data.feature_dims[f"{task.name}/query"] = query_table.feature_dim(task.query_feature.feature)
             rows = query_table.rows_of(pairs.query_texts, where=f"the `query` column of task {task.name!r}")
             data.query_rows[task.name] = rows[pairs.query_ids]
+        if task.num_hard_negatives:
+            data.hard_negatives[task.name] = load_pool(task, pairs.query_texts, data.candidate_table(task))
         if task.eval_pairs:
             data.eval_pairs[task.name] = held_out_pairs(
                 base / task.eval_pairs,

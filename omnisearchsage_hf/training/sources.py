@@ -164,9 +164,7 @@ def embed_sources(config: TrainingConfig, base: Path, data_dir: Path) -> dict[st
                 "that embeds entity dicts (an ItemSage or entity tower folder)."
             )
         table = tables.get(name) or read_table(base / config.data.entities[name])
-        rows = EntityTable(
-            table.select([c for c in table.column_names if c in {ID_COLUMN, *model.config.input_features()}]), name=name
-        )
+        rows = tower_rows(EntityTable(table, name=name), model)
         vectors = model.encode(rows.to_records(), batch_size=256, show_progress_bar=True)  # (rows, dim)
         column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         if feature in table.column_names:
@@ -174,6 +172,12 @@ def embed_sources(config: TrainingConfig, base: Path, data_dir: Path) -> dict[st
         tables[name] = table.append_column(feature, column)
         print(f"Embedded {len(rows)} rows of {name!r} with {folder} into column {feature!r}")
     return {name: write_table_atomically(table, embedded_table_path(data_dir, name)) for name, table in tables.items()}
+
+
+def tower_rows(table: EntityTable, model: Any) -> EntityTable:
+    """``table`` with only the columns ``model`` (an entity tower or ItemSage) reads: rows it can ``encode``."""
+    wanted = {ID_COLUMN, *model.config.input_features()}
+    return EntityTable(table.table.select([c for c in table.table.column_names if c in wanted]), name=table.name)
 
 
 def embedded_table_path(data_dir: Path, table: str) -> Path:
@@ -190,4 +194,5 @@ __all__ = [
     "prepare_real_source",
     "prepare_source",
     "source_options",
+    "tower_rows",
 ]

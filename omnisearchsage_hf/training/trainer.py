@@ -128,6 +128,13 @@ class Trainer:
             entity_paths=entity_paths,
             cache_dir=data_dir / "cache",
         )
+        for name, pool in self.data.hard_negatives.items():  # a pool that is mostly empty trains nothing
+            sizes = pool.sizes()
+            mean = sizes.mean() if len(sizes) else 0.0
+            self.accelerator.print(
+                f"Hard negatives of task {name!r}: {len(sizes)} pools, {mean:.1f} entities each on average, "
+                f"{int((sizes == 0).sum())} empty"
+            )
         return self.data
 
     def collate(self, micro_step: int) -> StepBatch:
