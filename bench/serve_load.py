@@ -3,10 +3,13 @@
 What it does, in one command (``python bench/serve_load.py``):
 
 1. Builds a query tower and a small entity index (10,000 random pins) and saves both to a temporary folder.
-   Default ``--backbone tiny``: a randomly initialised 2-layer, 128-wide BERT with MiniLM's WordPiece
-   vocabulary, mean pooling, projected to 256 dims (random weights change nothing for speed). ``--backbone minilm``
-   uses the real all-MiniLM-L6-v2 (``../shared/tools/backbones.py minilm``) projected to 256 dims; its cache
-   misses cost far more CPU, which the 2 cores shared by server and client then lack.
+   ``--backbone me5`` (default): the real multilingual-e5-small as the XQuAD-R run builds it (mean pooling,
+   identity projection to 384 dims, ``"query: "`` prefix); ``--backbone minilm``: the real all-MiniLM-L6-v2
+   (``../shared/tools/backbones.py me5|minilm``), projected to 256 dims; ``--backbone tiny``: a randomly
+   initialised 2-layer, 128-wide BERT with MiniLM's WordPiece vocabulary, projected to 256 dims, kept only
+   as a labelled reference row (it costs a real tower's misses a tenth of their CPU). With ``--backend onnx``
+   or ``openvino`` the tower is exported (``omnisearchsage_hf.backends``; int8 unless ``--quantize none``,
+   OpenVINO calibrated on 300 generated queries of another seed) and served from that export.
 2. Starts ``omnisearchsage-serve`` (as ``python -m omnisearchsage_hf.serving.cli serve``) on 127.0.0.1 only, in
    its own process.
 3. From a separate client process (uvloop, raw HTTP/1.1 over ``--connections`` keep-alive connections, each
@@ -24,11 +27,13 @@ What it does, in one command (``python bench/serve_load.py``):
 
 Network: every request goes to 127.0.0.1; request loops are bounded by time and count. Figures on a shared
 2-core machine (server and client share the two cores with each other and with anything else running) vary
-from run to run. Results go to ``bench/results/serve_load.{json,md}``.
+from run to run.
 
 Usage:
-    python bench/serve_load.py [--duration 60] [--connections 8] [--backbone tiny|minilm]
+    python bench/serve_load.py [--duration 60] [--connections 8] [--backbone me5|minilm|tiny]
+                               [--backend torch|onnx|openvino] [--quantize int8|none]
                                [--warmup-requests 500000] [--no-cache-duration 60]
+    Results: bench/results/serve_load_<backbone>_<backend>.{json,md} (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -221,6 +226,12 @@ def _client_process(port: int, args: dict, out_path: str) -> None:
 # --------------------------------------------------------------------------------------------------- server
 
 
+def backbone_folder(name: str) -> str:
+    """The local folder of a real encoder (``../shared/tools/backbones.py me5|minilm``)."""
+    tool = Path(__file__).resolve().parents[2] / "shared" / "tools" / "backbones.py"
+    return subprocess.run([sys.executable, str(tool), name], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def build_models(backbone: str, folder: Path) -> str:
     """Save a query tower and a small entity index under ``folder``; return a description of the tower."""
     import torch
@@ -229,16 +240,16 @@ def build_models(backbone: str, folder: Path) -> str:
     from omnisearchsage_hf import OmniSearchSageQueryModel
     from omnisearchsage_hf.serving import build_entity_index
 
-    if backbone == "minilm":
-        tool = Path(__file__).resolve().parents[2] / "shared" / "tools" / "backbones.py"
-        path = subprocess.run([sys.executable, str(tool), "minilm"], check=True, capture_output=True, text=True)
-        tower = OmniSearchSageQueryModel.from_backbone(path.stdout.strip(), pooling="mean", out_dim=256)
+    if backbone == "me5":
+        tower = OmniSearchSageQueryModel.from_backbone(
+            backbone_folder("me5"), pooling="mean", out_dim=384, projection_init="identity", query_prefix="query: "
+        )
+        description = "multilingual-e5-small (12 layers, 384 wide) + mean pooling + identity projection, 'query: '"
+    elif backbone == "minilm":
+        tower = OmniSearchSageQueryModel.from_backbone(backbone_folder("minilm"), pooling="mean", out_dim=256)
         description = "all-MiniLM-L6-v2 (6 layers, 384 wide) + mean pooling + 384->256 projection"
     else:
-        minilm = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve().parents[2] / "shared" / "tools" / "backbones.py"), "minilm"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+        minilm = backbone_folder("minilm")
         tokenizer = BertTokenizerFast.from_pretrained(minilm)  # a real WordPiece vocabulary for the tiny model
         torch.manual_seed(0)
         config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
@@ -247,7 +258,7 @@ def build_models(backbone: str, folder: Path) -> str:
         BertModel(config).save_pretrained(folder / "tiny")
         tokenizer.save_pretrained(folder / "tiny")
         tower = OmniSearchSageQueryModel.from_backbone(folder / "tiny", pooling="mean", out_dim=256)
-        description = "random 2-layer 128-wide BERT (MiniLM vocabulary) + mean pooling + 128->256 projection"
+        description = "TINY REFERENCE ROW: random 2-layer 128-wide BERT (MiniLM vocabulary) + mean pooling + 128->256"
     tower.save_pretrained(folder / "query_tower")
     rng = np.random.default_rng(0)
     entities = rng.standard_normal((10_000, tower.config.out_dim)).astype(np.float32)
@@ -258,10 +269,24 @@ def build_models(backbone: str, folder: Path) -> str:
     return description
 
 
-def start_server(folder: Path, port: int, cache_size: int, torch_threads: int) -> subprocess.Popen:
+def export_tower(folder: Path, backend: str, quantize: str) -> str | None:
+    """Export the saved tower for ``backend`` (None for torch); returns the export's file name."""
+    if backend == "torch":
+        return None
+    from omnisearchsage_hf.backends import export_query_tower
+
+    quantize = None if quantize == "none" else quantize
+    calibration = generate_queries(300, seed=12345) if backend == "openvino" and quantize else None
+    return export_query_tower(folder / "query_tower", backend, quantize=quantize, calibration_queries=calibration).name
+
+
+def start_server(folder: Path, port: int, cache_size: int, args: argparse.Namespace) -> subprocess.Popen:
     command = [sys.executable, "-m", "omnisearchsage_hf.serving.cli", "serve", "--query-model",
                str(folder / "query_tower"), "--index", str(folder / "index"), "--host", HOST, "--port", str(port),
-               "--cache-size", str(cache_size), "--torch-threads", str(torch_threads)]  # fmt: skip
+               "--cache-size", str(cache_size), "--torch-threads", str(args.torch_threads),
+               "--backend", args.backend]  # fmt: skip
+    if args.backend_file:
+        command += ["--backend-file", args.backend_file]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while True:
@@ -277,7 +302,7 @@ def start_server(folder: Path, port: int, cache_size: int, torch_threads: int) -
 
 def run_phase(folder: Path, args: argparse.Namespace, *, cache_size: int, duration: float, warm: bool) -> dict:
     port = free_port()
-    server = start_server(folder, port, cache_size, args.torch_threads)
+    server = start_server(folder, port, cache_size, args)
     try:
         client_args = {
             "distinct": args.distinct,
@@ -309,22 +334,29 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="Measured seconds with the cache (default 60).")
     parser.add_argument("--no-cache-duration", type=float, default=60.0, help="Measured seconds without the cache.")
     parser.add_argument("--connections", type=int, default=8, help="Keep-alive connections of the client.")
-    parser.add_argument("--backbone", choices=("tiny", "minilm"), default="tiny")
+    parser.add_argument("--backbone", choices=("me5", "minilm", "tiny"), default="me5")
+    parser.add_argument("--backend", choices=("torch", "onnx", "openvino"), default="torch")
+    parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="Export precision (not torch).")
     parser.add_argument("--warmup-requests", type=int, default=500_000)
     parser.add_argument("--warmup-max-seconds", type=float, default=600.0)
     parser.add_argument("--distinct", type=int, default=DISTINCT_QUERIES)
     parser.add_argument("--torch-threads", type=int, default=1, help="Query tower threads in the server.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="serve_load", help="Result file stem under bench/results/.")
+    parser.add_argument("--out", default=None, help="Result file stem (default serve_load_<backbone>_<backend>).")
     args = parser.parse_args()
     from omnisearchsage_hf.atomic import write_text_atomically  # here: the client process stays light
 
     if args.duration <= 0 or args.no_cache_duration < 0 or args.connections < 1:
         parser.error("--duration must be > 0, --no-cache-duration >= 0 and --connections >= 1.")
 
+    args.out = args.out or f"serve_load_{args.backbone}_{args.backend}"
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         folder = Path(tmp)
         tower = build_models(args.backbone, folder)
+        args.backend_file = export_tower(folder, args.backend, args.quantize)
+        if args.backend_file:
+            tower += f"; served by {args.backend} from backbone/{args.backend}/{args.backend_file}"
         cached = run_phase(folder, args, cache_size=1_000_000, duration=args.duration, warm=True)
         print(json.dumps({"cached": cached}, indent=2), flush=True)
         uncached = None
@@ -336,11 +368,11 @@ def main() -> None:
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
-        f"load average before the run {os.getloadavg()[0]:.2f}",
+        f"load average (1 min) {load_before[0]:.2f} before the run, {os.getloadavg()[0]:.2f} after",
         "torch": torch.__version__,
         "query_tower": tower,
         "server": f"omnisearchsage-serve (uvicorn + uvloop + httptools, Starlette, orjson), "
-        f"{args.torch_threads} torch thread(s), micro-batches of <= 64, 30-day TTL",
+        f"--backend {args.backend}, {args.torch_threads} query-tower thread(s), micro-batches of <= 64, 30-day TTL",
         "client": f"separate process, uvloop, raw HTTP/1.1, {args.connections} keep-alive connections, closed loop",
         "stream": f"Zipf({ZIPF_EXPONENT}) over {args.distinct} distinct generated queries, seed {args.seed}",
         "cached": cached,
@@ -375,8 +407,8 @@ def render_markdown(results: dict, args: argparse.Namespace) -> str:
         "# Serving load test (`python bench/serve_load.py`)",
         "",
         f"Command: `python bench/serve_load.py --duration {args.duration:g} --no-cache-duration "
-        f"{args.no_cache_duration:g} --connections {args.connections} --backbone {args.backbone} --warmup-requests "
-        f"{args.warmup_requests}`",
+        f"{args.no_cache_duration:g} --connections {args.connections} --backbone {args.backbone} --backend "
+        f"{args.backend} --quantize {args.quantize} --warmup-requests {args.warmup_requests}`",
         "",
         f"- Machine: {results['machine']}; torch {results['torch']}. The server, the client and other users' jobs "
         "share the cores, so figures vary from run to run.",
@@ -403,7 +435,7 @@ def render_markdown(results: dict, args: argparse.Namespace) -> str:
         ]
     lines += [
         "",
-        "Targets of issue 6 (2-core machine, query tower on CPU): "
+        "Targets of issues 6 and 17 (2-core machine, query tower on CPU): "
         + ", ".join(f"{name}: {'met' if ok else '**not met**'}" for name, ok in results["targets"].items())
         + ".",
         "",

@@ -7,7 +7,11 @@ omnisearchsage-embed --entity-model runs/x/entity_tower --table data/pins.parque
 accelerate launch --multi_gpu --num_processes 2 -m omnisearchsage_hf.serving.cli embed ...   # same, 2 processes
 omnisearchsage-index --embeddings emb/pins emb/products --out index/
 omnisearchsage-serve --query-model runs/x/query_tower --index index/ --port 8000
+omnisearchsage-serve --query-model runs/x/query_tower --backend onnx --backend-file model_qint8_quantized.onnx
 ```
+
+``--backend onnx|openvino`` runs the query tower from an export written by ``omnisearchsage-export``
+(``omnisearchsage_hf.backends``): int8 on the CPU is several times faster per cache miss.
 """
 
 from __future__ import annotations
@@ -201,7 +205,25 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=64, help="Most queries per model call.")
     parser.add_argument("--max-wait-ms", type=float, default=1.0, help="Idle model waits this long for a batch.")
     parser.add_argument("--max-query-chars", type=int, default=1000, help="Longer queries get a 422.")
-    parser.add_argument("--torch-threads", type=int, default=1, help="Threads of the query tower (default 1).")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "openvino"),
+        default="torch",
+        help="What runs the query tower: torch (default), or an export of it (omnisearchsage-export) on ONNX "
+        "Runtime or OpenVINO.",
+    )
+    parser.add_argument(
+        "--backend-file",
+        default=None,
+        help="The export to serve, a file name in backbone/onnx/ or backbone/openvino/ of the tower folder, e.g. "
+        "model_qint8_quantized.onnx (default: the float32 export).",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="Threads of the query tower, on any backend (default 1).",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning).")
     limits = parser.add_argument_group("limits per client (slow or oversized requests get a 4xx and are closed)")
     for field in dataclasses.fields(HttpLimits):
@@ -231,6 +253,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Everything that can be refused is checked before the weights load, so a mistake costs seconds.
     limits = HttpLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(HttpLimits)})
+    if args.backend == "torch" and args.backend_file is not None:
+        raise UsageError("--backend-file names an ONNX or OpenVINO export: pass --backend onnx or openvino with it.")
+    if args.torch_threads < 1:
+        raise UsageError(f"--torch-threads must be >= 1, got {args.torch_threads}.")
     config = _model_config(args.query_model, "--query-model", "runs/x/query_tower")
     if config.model_type != OmniSearchSageQueryConfig.model_type:
         hint = (
@@ -254,7 +280,14 @@ def _serve(args: argparse.Namespace) -> int:
     # One query per request: faiss parallelises across queries, so more threads would only compete with the
     # event loop and the query tower for the cores.
     faiss.omp_set_num_threads(1)
-    model = AutoModel.from_pretrained(args.query_model)
+    if args.backend == "torch":
+        model = AutoModel.from_pretrained(args.query_model)
+    else:
+        from ..backends import load_query_encoder
+
+        model = load_query_encoder(
+            args.query_model, args.backend, file_name=args.backend_file, num_threads=args.torch_threads
+        )
     encode = functools.partial(model.encode, batch_size=args.max_batch_size, show_progress_bar=False)
     encode(["warm up"])  # the first call pays one-off setup; keep it out of the first request
     embedder = CachedQueryEmbedder(
@@ -284,8 +317,10 @@ def _startup_summary(args: argparse.Namespace, out_dim: int, index: EntityIndex 
         cache = f"query cache up to {args.cache_bytes / 2**20:g} MiB{count}, TTL {args.ttl_days:g} days"
     else:
         cache = "query cache disabled"
+    runs_on = "" if args.backend == "torch" else f", backend {args.backend} {args.backend_file or 'float32'}"
     return (
-        f"omnisearchsage-serve: http://{host}:{args.port} with query tower {args.query_model} (out_dim {out_dim})\n"
+        f"omnisearchsage-serve: http://{host}:{args.port} with query tower {args.query_model} (out_dim {out_dim}"
+        f"{runs_on})\n"
         f"omnisearchsage-serve: {loaded}; {cache}"
     )
 
