@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 from omnisearchsage_hf import OmniSearchSageQueryModel
 from omnisearchsage_hf.data.hard_negatives import mine_hard_negatives, write_hard_negatives
@@ -330,10 +331,13 @@ ANGLES = [0.3, 0.0, 0.2, 0.35, 0.5, 0.8, 1.2, 2.0]
 ENTITY_IDS = [f"e{i}" for i in range(len(ANGLES))]
 
 
-def mine(positives=("e0",), **options) -> dict:
+def mine(positives=("e0",), excluded=(), **options) -> dict:
     entities = np.array([[math.cos(a), math.sin(a)] for a in ANGLES]) * 3.0  # any scale: normalised inside
     options = {"rank_range": (0, 7), "num_negatives": 7, "show_progress_bar": False, **options}
-    table = mine_hard_negatives(["q"], np.array([[2.0, 0.0]]), ENTITY_IDS, entities, {"q": set(positives)}, **options)
+    known = {"q": set(positives)}
+    table = mine_hard_negatives(
+        ["q"], np.array([[2.0, 0.0]]), ENTITY_IDS, entities, known, excluded={"q": excluded}, **options
+    )
     return table.to_pylist()[0]
 
 
@@ -363,9 +367,16 @@ def test_margins_drop_candidates_too_close_to_the_positive():
     assert mine(positives=("e0", "e2"), absolute_margin=0.03)["negative_ids"] == ["e3", "e4", "e5", "e6", "e7"]
 
 
+def test_excluded_ids_are_never_mined_nor_ranked_and_do_not_set_the_positive_score():
+    assert mine(excluded=("e1",), rank_range=(0, 2), num_negatives=2)["negative_ids"] == ["e2", "e3"]
+    # As a positive, e2 (0.980) would raise the cut to 0.950 and keep e3 (0.939); excluded, the cut stays 0.925.
+    assert mine(excluded=("e2",), absolute_margin=0.03)["negative_ids"] == ["e4", "e5", "e6", "e7"]
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
+        ({"excluded": ("zz",)}, r"Excluded ids \['zz'\] of query 'q' are not in `entity_ids`"),
         ({"rank_range": (5, 5)}, "0 <= start < stop"),
         ({"rank_range": (0, 3), "num_negatives": 4}, r"`num_negatives` must be an int in \[1, 3\]"),
         ({"absolute_margin": -0.1}, "`absolute_margin` must be >= 0"),
@@ -513,3 +524,39 @@ def test_mine_command_errors_name_the_problem(group_run, tmp_path, capsys):
     assert "mining needs entity: or compat:" in capsys.readouterr().err
     assert mine_main([*arguments, "--task", "query_pin", "--num-negatives", "100", *out]) == 2
     assert "`num_negatives` must be an int in [1, 90]" in capsys.readouterr().err
+
+
+def test_mine_excludes_candidates_sharing_a_column_value_with_a_positive(group_run, tmp_path):
+    arguments = small_run_arguments(group_run, hard_tasks(hard_negatives_group="topic"))
+    out = tmp_path / "other_topics.parquet"
+    assert mine_main([*arguments, "--task", "query_pin", "--run", str(group_run), "--exclude-same", "topic",
+                      "--rank-range", "0", "20", "--num-negatives", "5", "--out", str(out)]) == 0  # fmt: skip
+    pins = pq.read_table(group_run / "data" / "pins.parquet", columns=["id", "topic"]).to_pylist()
+    topic = {pin["id"]: pin["topic"] for pin in pins}
+    positives = {}
+    for pair in pq.read_table(group_run / "data" / PAIRS).to_pylist():
+        positives.setdefault(pair["query"], set()).add(topic[pair["candidate_id"]])
+    rows = pq.read_table(out).to_pylist()
+    assert sum(len(row["negative_ids"]) for row in rows) == 5 * len(rows)
+    assert all(topic[i] not in positives[row["query"]] for row in rows for i in row["negative_ids"])
+
+
+def test_mine_zero_shot_and_compat_with_a_run(group_run, tiny_backbone_dir, tmp_path):
+    """``--encoder`` embeds the queries and a text column; a compat task with ``--run`` mines in its fixed space."""
+    arguments = small_run_arguments(group_run, hard_tasks(hard_negatives_group="topic"))
+    zero_shot, compat = tmp_path / "zero_shot.parquet", tmp_path / "compat.parquet"
+    options = ["--rank-range", "0", "20", "--num-negatives", "5"]
+    assert mine_main([*arguments, "--task", "query_pin", "--encoder", str(tiny_backbone_dir), *options,
+                      "--text-field", "title", "--out", str(zero_shot)]) == 0  # fmt: skip
+    assert mine_main([*arguments, "--task", "query_pin_pinsage", "--run", str(group_run), *options,
+                      "--out", str(compat)]) == 0  # fmt: skip
+    pins = pq.read_table(group_run / "data" / "pins.parquet", columns=["id", "pinsage_embedding"]).to_pylist()
+    vectors = {pin["id"]: np.asarray(pin["pinsage_embedding"]) for pin in pins}
+    for path in (zero_shot, compat):
+        rows = pq.read_table(path).to_pylist()
+        assert len(rows) == 143 and all(len(row["negative_ids"]) == 5 for row in rows)
+    # The compat scores are cosines with the query tower's 32-d prefix against the pinsage vectors.
+    row = pq.read_table(compat).to_pylist()[0]
+    query = AutoModel.from_pretrained(group_run / "query_tower").encode([row["query"]], truncate_dim=32)[0]
+    expected = [float(query @ (vectors[i] / np.linalg.norm(vectors[i]))) for i in row["negative_ids"]]
+    np.testing.assert_allclose(row["negative_scores"], expected, atol=1e-5)

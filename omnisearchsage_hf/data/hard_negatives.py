@@ -67,6 +67,7 @@ def mine_hard_negatives(
     entity_embeddings: np.ndarray,
     positives: Mapping[str, Collection[str]],
     *,
+    excluded: Mapping[str, Collection[str]] | None = None,
     rank_range: tuple[int, int] = (10, 100),
     num_negatives: int = 8,
     absolute_margin: float | None = None,
@@ -79,7 +80,7 @@ def mine_hard_negatives(
     Embeddings are L2-normalised (float32), so scores are cosine similarities; a faiss ``IndexFlatIP``
     finds every query's nearest entities exactly. For query ``q`` with positive score ``s+`` (the best
     score of its known positives, computed exactly), the candidates are ranked by score with every known
-    positive removed first, and those of rank ``rank_range[0] <= r < rank_range[1]`` (0-based) are
+    positive (and ``excluded`` id) removed first, and those of rank ``rank_range[0] <= r < rank_range[1]`` (0-based) are
     examined in rank order. A candidate with score ``s`` is dropped when
     ``s > s+ - absolute_margin`` (absolute margin; 0 keeps only negatives scored below the positive) or
     ``s > s+ - |s+| * relative_margin`` (relative margin; 0.05 keeps a negative only when it scores at
@@ -93,6 +94,8 @@ def mine_hard_negatives(
         entity_embeddings: ``(E, d)`` their embeddings.
         positives: Query text → ids of its known positives; every query needs one, every id must be in
             ``entity_ids``.
+        excluded: Query text → further ids never returned and not ranked, but not positives either (they do
+            not set ``s+``): e.g. the translations of a positive sentence, relevant to a cross-lingual search.
         rank_range: ``(start, stop)``, ranks among non-positives to draw from; default ``(10, 100)``.
         num_negatives: Negatives kept per query (>= 1), best first.
         absolute_margin: See above (>= 0), or None.
@@ -123,19 +126,21 @@ def mine_hard_negatives(
     row_of = {entity_id: row for row, entity_id in enumerate(entity_ids)}
     if len(row_of) != len(entity_ids):
         raise ValueError("`entity_ids` must be distinct.")
-    positive_rows = []
+    positive_rows, skipped_rows = [], []
     for text in query_texts:
-        ids = positives.get(text) or ()
+        ids, more = positives.get(text) or (), (excluded or {}).get(text) or ()
         if not ids:
             raise ValueError(f"Query {text!r} has no positive in `positives`; the margin filter needs one.")
-        unknown = [entity_id for entity_id in ids if entity_id not in row_of]
-        if unknown:
-            raise ValueError(f"Positives {sorted(unknown)[:3]} of query {text!r} are not in `entity_ids`.")
+        for name, values in (("Positives", ids), ("Excluded ids", more)):
+            unknown = [entity_id for entity_id in values if entity_id not in row_of]
+            if unknown:
+                raise ValueError(f"{name} {sorted(unknown)[:3]} of query {text!r} are not in `entity_ids`.")
         positive_rows.append(np.fromiter((row_of[i] for i in ids), dtype=np.int64))
+        skipped_rows.append(np.fromiter((row_of[i] for i in {*ids, *more}), dtype=np.int64))
     index = faiss.IndexFlatIP(entities.shape[1])
     index.add(entities)
-    # Enough neighbours that `stop` non-positives remain once the positives among them are removed.
-    depth = min(len(entity_ids), stop + max(len(rows) for rows in positive_rows))
+    # Enough neighbours that `stop` candidates remain once the positives (and excluded ids) are removed.
+    depth = min(len(entity_ids), stop + max(len(rows) for rows in skipped_rows))
     negative_ids, negative_scores = [], []
     bar = tqdm(total=len(query_texts), desc="Mining hard negatives", unit=" queries", disable=not show_progress_bar)
     with bar:
@@ -145,7 +150,7 @@ def mine_hard_negatives(
             for i in range(len(chunk)):
                 known = positive_rows[begin + i]
                 best = float((entities[known] @ chunk[i]).max())  # s+: exact, wherever the positives rank
-                keep = (neighbours[i] >= 0) & ~np.isin(neighbours[i], known)
+                keep = (neighbours[i] >= 0) & ~np.isin(neighbours[i], skipped_rows[begin + i])
                 rows, row_scores = neighbours[i][keep][start:stop], scores[i][keep][start:stop]
                 allowed = np.ones(len(rows), dtype=bool)
                 if absolute_margin is not None:

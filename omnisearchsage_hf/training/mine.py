@@ -9,7 +9,8 @@ The task's pairs and candidate table are read through the same preparation the t
 source under ``<output_dir>/data``, ``data.embedding_sources``), so the mined ids are the ids the trainer
 maps. Every pair of the task's pair file is a known positive, never mined. The encoder is either zero-shot
 (``--encoder``: a local sentence encoder folder or a name ``OMNISEARCHSAGE_MODELS`` resolves; the candidate
-text is ``--text-field``) or a finished run's towers (``--run``: its query tower, and its entity tower for
+text is ``--text-field``, or ``--candidate-feature`` names a column that already holds its embeddings) or a
+finished run's towers (``--run``: its query tower, and its entity tower for
 ``entity:`` tasks or the table's fixed embedding for ``compat:`` tasks). The table goes to ``--out``
 (parquet, written atomically); the command prints the task keys that train with it. Config keys can be
 overridden as for training (``--section.key value``).
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..cli_errors import run_command
 from ..data.hard_negatives import NEGATIVES_COLUMN, check_mining_options, mine_hard_negatives, write_hard_negatives
-from ..data.tables import EntityTable
+from ..data.tables import EntityTable, check_columns
 from .builders import entity_config
 from .command import resolve_config
 from .config import TaskConfig, TrainingConfig, load_config, parse_overrides
@@ -57,8 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-negatives", type=int, default=8, help="negatives kept per query (default 8)")
     parser.add_argument("--absolute-margin", type=float, help="drop candidates scoring above s+ - margin")
     parser.add_argument("--relative-margin", type=float, help="drop candidates scoring above s+ - |s+| * margin")
+    parser.add_argument(
+        "--exclude-same",
+        metavar="COLUMN",
+        help="never mine a candidate that shares its value of this column of the candidate table with a positive "
+        "(e.g. a key shared by a sentence's translations: they are relevant to a cross-lingual search)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="texts or queries per batch (default 256)")
     parser.add_argument("--text-field", help="--encoder: the candidate column to embed (default: first text field)")
+    parser.add_argument(
+        "--candidate-feature",
+        help="--encoder: use this pre-existing embedding column as the candidates' embeddings instead of encoding "
+        "text (e.g. e5_embedding when --encoder is the model that computed it: only the queries are encoded)",
+    )
     parser.add_argument("--query-prefix", default="", help='--encoder: prepended to queries (e5: "query: ")')
     parser.add_argument("--passage-prefix", default="", help='--encoder: prepended to candidates (e5: "passage: ")')
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -97,10 +109,30 @@ def known_positives(path: Path, task: TaskConfig) -> dict[str, set[str]]:
     return positives
 
 
+def same_value_ids(table: EntityTable, column: str, positives: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Query → the ids that share a positive's value of ``column`` (a null value is shared with nobody)."""
+    check_columns(table.table.schema, [column], f"--exclude-same: table {table.name!r}")
+    value_of = dict(zip(table.ids.to_pylist(), table.table.column(column).to_pylist(), strict=True))
+    members: dict[object, set[str]] = {}
+    for entity_id, value in value_of.items():
+        if value is not None:
+            members.setdefault(value, set()).add(entity_id)
+    excluded = {}
+    for query, ids in positives.items():
+        values = {value_of.get(entity_id) for entity_id in ids} - {None}
+        excluded[query] = set().union(*(members[value] for value in values))
+    return excluded
+
+
 def zero_shot_embeddings(args: argparse.Namespace, config: TrainingConfig, table: EntityTable, queries: list[str]):
-    """``(queries, candidates)`` embeddings by the ``--encoder`` sentence encoder."""
+    """``(queries, candidates)`` embeddings by the ``--encoder`` sentence encoder (or ``--candidate-feature``)."""
     from ..data.encoders import load_sentence_encoder
 
+    encoder = load_sentence_encoder(args.encoder)
+    options = {"batch_size": args.batch_size, "normalize_embeddings": True, "show_progress_bar": True}
+    query_embeddings = encoder.encode([args.query_prefix + q for q in queries], **options)
+    if args.candidate_feature is not None:
+        return query_embeddings, fixed_embeddings(table, args.candidate_feature)
     field = args.text_field or next(
         (name for name in entity_config(config.model).text_fields if name in table.table.column_names), None
     )
@@ -108,10 +140,13 @@ def zero_shot_embeddings(args: argparse.Namespace, config: TrainingConfig, table
         raise ValueError(
             f"--text-field {field!r} is not a column of table {table.name!r}; it has {table.table.column_names}."
         )
-    encoder = load_sentence_encoder(args.encoder)
     texts = [args.passage_prefix + (text or "") for text in table.table.column(field).to_pylist()]
-    options = {"batch_size": args.batch_size, "normalize_embeddings": True, "show_progress_bar": True}
-    return encoder.encode([args.query_prefix + q for q in queries], **options), encoder.encode(texts, **options)
+    return query_embeddings, encoder.encode(texts, **options)
+
+
+def fixed_embeddings(table: EntityTable, feature: str) -> np.ndarray:
+    """``(rows, dim)`` the table's pre-existing embedding column ``feature``, every row."""
+    return table.dense(feature, np.arange(len(table)), table.feature_dim(feature))
 
 
 def run_embeddings(run: Path, task: TaskConfig, table: EntityTable, queries: list[str]):
@@ -120,9 +155,7 @@ def run_embeddings(run: Path, task: TaskConfig, table: EntityTable, queries: lis
 
     query_tower = AutoModel.from_pretrained(run / QUERY_TOWER)
     if task.candidate.kind == "compat":
-        candidates = table.dense(
-            task.candidate.feature, np.arange(len(table)), table.feature_dim(task.candidate.feature)
-        )
+        candidates = fixed_embeddings(table, task.candidate.feature)  # (rows, dim)
     else:
         entity_tower = AutoModel.from_pretrained(run / ENTITY_TOWER)
         rows = tower_rows(table, entity_tower)
@@ -158,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             table.ids.to_pylist(),
             candidates,
             positives,
+            excluded=same_value_ids(table, args.exclude_same, positives) if args.exclude_same else None,
             rank_range=tuple(args.rank_range),
             num_negatives=args.num_negatives,
             absolute_margin=margins[0],
