@@ -158,8 +158,9 @@ def _training_section(training: TrainingConfig | None) -> str:
     ]
     return (
         "## Training\n\n"
-        f"Multi-task sampled softmax with in-batch, random and (per task) hard negatives (logQ correction: {loss.logq_correction}; "
-        f"Matryoshka dims: {loss.matryoshka_dims or 'none'}), trained with `omnisearchsage_hf.training.Trainer`.\n\n"
+        "Multi-task sampled softmax with in-batch, random and (per task) hard negatives "
+        f"(logQ correction: {loss.logq_correction}; Matryoshka dims: {loss.matryoshka_dims or 'none'}), "
+        "trained with `omnisearchsage_hf.training.Trainer`.\n\n"
         f"- Data source: {source}\n"
         f"- Steps: {train.max_steps} x batch {train.batch_size} per process "
         f"(gradient accumulation {train.gradient_accumulation_steps}); learning rate {train.learning_rate:g}, "
