@@ -183,11 +183,6 @@ def test_copy_exports_carries_them_into_a_folder_saved_again(exported, tower, tm
 
 
 @needs_ort
-@pytest.mark.xfail(
-    strict=True,
-    reason="publish() saves the query tower again and drops its exports until publishing/hub.py calls "
-    "backends.copy_exports (issue 17; the one-line change is in that issue's report): remove this mark with it",
-)
 def test_publish_ships_the_exports(exported, make_entity_tower, tmp_path):
     from omnisearchsage_hf.publishing import publish
 

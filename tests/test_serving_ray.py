@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from omnisearchsage_hf.serving.batch_inference import EntityEmbeddings, embed_entity_table
+from omnisearchsage_hf.serving.cli import embed_main
 from omnisearchsage_hf.serving.cli import main as serving_main
 from omnisearchsage_hf.serving.ray_inference import RAY_EXTRA, embed_entity_table_with_ray
 
@@ -154,3 +155,26 @@ def test_without_ray_the_package_imports_and_the_engine_names_the_extra():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert "The Ray engine of batch inference needs Ray Data" in result.stdout
     assert 'pip install "omnisearchsage-hf[ray]"' in result.stdout
+
+
+def test_the_embed_command_runs_either_engine_into_the_same_folder(tower, tmp_path, capsys):
+    """`omnisearchsage-embed --engine ray` writes what `--engine local` writes; a Ray flag alone is refused."""
+    tower.save_pretrained(tmp_path / "tower")
+    table = split_table(tmp_path / "pins")
+    argv = ["--entity-model", str(tmp_path / "tower"), "--table", str(table), "--entity-type", "pin",
+            "--chunk-size", "7", "--quiet"]  # fmt: skip
+    assert embed_main([*argv, "--out", str(tmp_path / "local")]) == 0
+    ray_flags = ["--engine", "ray", "--num-actors", "2", "--num-cpus-per-actor", "0.5", "--rows-per-call", "5"]
+    assert embed_main([*argv, "--out", str(tmp_path / "ray"), *ray_flags]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [p["shape"] for p in printed] == [[40, 8], [40, 8]] and printed[1]["out"] == str(tmp_path / "ray")
+    local, ray_out = EntityEmbeddings.load(tmp_path / "local"), EntityEmbeddings.load(tmp_path / "ray")
+    assert ray_out.ids == local.ids
+    np.testing.assert_allclose(ray_out.embeddings, local.embeddings, atol=1e-6, rtol=0)
+
+    assert embed_main([*argv, "--out", str(tmp_path / "other"), "--num-actors", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "omnisearchsage-embed: error: --num-actors configure the Ray engine: add --engine ray" in error
+    assert embed_main([*argv, "--out", str(tmp_path / "other"), "--engine", "ray", "--num-actors", "2"]) == 2
+    assert "2 actors x 1 CPU reserve 2 of the Ray cluster's 2 CPUs" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -9,6 +9,7 @@ be pushed, without a token or a network.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..backends.export_files import copy_exports
 from ..modeling import OmniSearchSageEntityModel, OmniSearchSageQueryModel
 from ..modeling.attached_tokenizer import commit_folder
 from ..tokenization import OmniSearchSageTokenizer
@@ -151,6 +153,12 @@ class _Repository:
     save: Callable[[Path], object]
 
 
+def _save_query_tower(query_tower: OmniSearchSageQueryModel, source: Path, folder: Path) -> None:
+    """Save the query tower, then carry over the run's ONNX / OpenVINO exports (``save_pretrained`` writes none)."""
+    query_tower.save_pretrained(folder)
+    copy_exports(source, folder)
+
+
 def _run_repositories(
     output_dir: Path,
     repo_prefix: str,
@@ -194,7 +202,7 @@ def _run_repositories(
             repos["query"],
             model_card("query", query_tower, repos["query"], **card_kwargs),
             "Upload OmniSearchSage query",
-            query_tower.save_pretrained,
+            functools.partial(_save_query_tower, query_tower, output_dir / QUERY_TOWER),
         ),
         _Repository(
             repos["entity"],

@@ -5,6 +5,7 @@ The daily pipeline of paper §3.6, one command per step:
 ```bash
 omnisearchsage-embed --entity-model runs/x/entity_tower --table data/pins.parquet --entity-type pin --out emb/pins
 accelerate launch --multi_gpu --num_processes 2 -m omnisearchsage_hf.serving.cli embed ...   # same, 2 processes
+omnisearchsage-embed --engine ray --num-actors 8 ...   # same output, an actor pool on the Ray cluster
 omnisearchsage-index --embeddings emb/pins emb/products --out index/
 omnisearchsage-serve --query-model runs/x/query_tower --index index/ --port 8000
 omnisearchsage-serve --query-model runs/x/query_tower --backend onnx --backend-file model_qint8_quantized.onnx
@@ -21,6 +22,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,16 +80,42 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=50_000, help="Rows per resumable chunk (default 50000).")
     parser.add_argument("--batch-size", type=int, default=256, help="Entities per forward pass (default 256).")
     parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): this process, or the processes of `accelerate launch`; ray: Ray Data over an "
+        "actor pool of towers on the Ray cluster (RAY_ADDRESS, else a local one), parquet tables only, needs "
+        'pip install "omnisearchsage-hf[ray]". Both write the same output folder.',
+    )
+    ray = parser.add_argument_group("--engine ray (defaults: those of embed_entity_table_with_ray)")
+    ray.add_argument(
+        "--num-actors", type=int, help="Towers in the actor pool (default 1): one per GPU, or ~one per core."
+    )
+    ray.add_argument(
+        "--num-cpus-per-actor",
+        type=float,
+        help="Ray CPUs each actor reserves (default 1); torch runs on that many threads, rounded up. The pool must "
+        "leave one CPU to read the table.",
+    )
+    ray.add_argument(
+        "--num-gpus-per-actor", type=float, help="GPU share per actor (default 1 if the cluster has GPUs)."
+    )
+    ray.add_argument("--rows-per-call", type=int, help="Rows per Ray block and actor call (default 4096).")
     _add_debug_flag(parser)
     args = parser.parse_args(argv)
     return _run(parser.prog, args, lambda: _embed(args))
+
+
+# Flags of `omnisearchsage-embed --engine ray`, named as embed_entity_table_with_ray's arguments.
+_RAY_FLAGS = ("num_actors", "num_cpus_per_actor", "num_gpus_per_actor", "rows_per_call")
 
 
 def _embed(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
     from ..modeling import OmniSearchSageQueryConfig
-    from .batch_inference import ENTITY_MODEL_TYPES, EntityEmbeddings, embed_entity_table, process_state
+    from .batch_inference import ENTITY_MODEL_TYPES, embed_entity_table, process_state
 
     model_type = _model_config(args.entity_model, "--entity-model", "runs/x/entity_tower").model_type
     if model_type not in ENTITY_MODEL_TYPES:
@@ -100,6 +128,12 @@ def _embed(args: argparse.Namespace) -> int:
             "--entity-model needs an entity tower or ItemSage folder (e.g. runs/x/entity_tower); "
             f"{args.entity_model!r} holds a {model_type!r} model{hint}."
         )
+    ray_options = {name: getattr(args, name) for name in _RAY_FLAGS if getattr(args, name) is not None}
+    if args.engine == "ray":
+        return _embed_with_ray(args, ray_options)
+    if ray_options:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in ray_options)
+        raise UsageError(f"{flags} configure the Ray engine: add --engine ray, or drop them.")
     state = process_state()
     try:
         model = AutoModel.from_pretrained(args.entity_model)
@@ -114,12 +148,48 @@ def _embed(args: argparse.Namespace) -> int:
             show_progress_bar=not args.quiet,
         )
         if out is not None:
-            loaded = EntityEmbeddings.load(out)
-            print(json.dumps({"out": str(out), "entity_type": loaded.entity_type, "shape": loaded.embeddings.shape}))
+            _print_output(out)
     finally:
         # Without it gloo intermittently aborts at exit (see ../shared/DESIGN.md §8).
         state.destroy_process_group()
     return 0
+
+
+def _embed_with_ray(args: argparse.Namespace, ray_options: dict) -> int:
+    """``omnisearchsage-embed --engine ray``: one driver process; the actors do the embedding."""
+    from transformers import AutoModel
+
+    from .ray_inference import embed_entity_table_with_ray, import_ray
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "--engine ray runs from one driver process, not under `accelerate launch` with several processes: "
+            "run `omnisearchsage-embed --engine ray ...` directly (Ray spreads the work), or drop --engine ray."
+        )
+    try:
+        import_ray()
+    except ImportError as error:
+        raise UsageError(f"--engine ray: {error}") from None
+    out = embed_entity_table_with_ray(
+        AutoModel.from_pretrained(args.entity_model),
+        args.table,
+        args.out,
+        entity_type=args.entity_type,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        show_progress_bar=not args.quiet,
+        **ray_options,
+    )
+    _print_output(out)
+    return 0
+
+
+def _print_output(out: Path) -> None:
+    """One JSON line: the finished output folder, checked by loading it, and what it holds."""
+    from .batch_inference import EntityEmbeddings
+
+    loaded = EntityEmbeddings.load(out)
+    print(json.dumps({"out": str(out), "entity_type": loaded.entity_type, "shape": loaded.embeddings.shape}))
 
 
 def index_main(argv: Sequence[str] | None = None) -> int:
