@@ -1,29 +1,28 @@
-"""Retrieval quality on real data: OmniSearchSage against BM25 and zero-shot encoders, plus the paper's ablations.
+"""Retrieval quality on real data: OmniSearchSage against BM25 and zero-shot encoders, with the paper's ablations.
 
-For one data set (``--dataset xquad_r`` or ``amazon_pqa``) this trains every model variant it needs with
-``training/train.py`` (or reuses a finished run in ``--runs_dir``), evaluates all systems on the same test
-questions with the same scoring code (``evaluate_xquad`` / ``evaluate_epqa`` over a ``Scorer``), and writes
-``bench/results/<dataset>.md`` (tables shaped like the paper's), ``.json`` (every metric) and ``.png``
-(Recall@10 per language, or per system).
+For one data set (``--dataset xquad_r`` or ``amazon_pqa``), in two stages:
 
-Systems, all evaluated in the same run:
+1. ``--stage dev`` (model selection): every trained system with candidates in ``GRID`` is trained once per
+   candidate (``training/train.py``, or a finished run in ``--runs_dir`` is reused) on the train split
+   *less the dev split* (XQuAD-R: every fifth train article; ePQA: one train question in five), ranked on
+   the dev questions, and the candidate with the best dev MRR is chosen. Writes
+   ``bench/results/<dataset>_dev.{json,md}``. The test questions are not touched.
+2. ``--stage test`` (the final table): the chosen runs, the ablations (trained with the chosen
+   hyperparameters of the system they ablate) and the zero-shot baselines are ranked on the test
+   questions with the same scoring code (``rank_xquad`` / ``rank_epqa``); per-language and mean R@1, MRR,
+   R@10, R@100 (and pooled cross-lingual R@10 on XQuAD-R), and for every system a paired bootstrap 95%
+   interval (same questions, 1,000 resamples, seed 0; ``compare_ranks``) of its difference to each
+   reference system. Writes ``bench/results/<dataset>.{json,md,png}``.
 
-- ``bm25``: Okapi BM25 (``bm25s`` defaults) over the entity's own text (the sentence; a product's catalogue
-  text).
-- ``e5`` / ``minilm``: zero-shot multilingual-e5-small (mean pooling, ``query: ``/``passage: ``) and
-  all-MiniLM-L6-v2 on the same text.
-- ``searchsage``: the paper's baseline: the query tower trained against the pre-existing (compatibility)
-  embedding only, and retrieving with it.
-- ``omnisearchsage``: the multi-task model of the data set's config.
-- ``single_task``: only the query → entity task (paper Table 5).
-- enrichment ablation (paper Table 4): the entity tower with only the entity's base text, then with its
-  context/description, then with engaged queries.
+Every trained run, the dev selections included, uses the same train split (``dev_split: true``), so the
+runs chosen on dev are the ones scored on test. ePQA uses the leak-free catalogue (no snippet that was
+chosen only for a held-out question) for every system; the leaky catalogue appears as labelled rows only.
 
 Data: XQuAD-R (CC BY-SA 4.0, Roy et al. 2020) and Amazon ePQA (CDLA-Sharing-1.0, Shen et al. 2023), read
 in place from ``../shared/data``. Backbones: ``python ../shared/tools/backbones.py me5|minilm``.
 
 Usage:
-    python bench/quality.py --dataset xquad_r [--variants omnisearchsage,searchsage] [--runs_dir runs/quality]
+    python bench/quality.py --dataset xquad_r [--stage dev|test|all] [--runs_dir runs/quality]
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +43,44 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from quality_report import write_dev_report, write_test_report
 from transformers import AutoModel
 
-from omnisearchsage_hf.atomic import replace_atomically, write_text_atomically
+from omnisearchsage_hf.atomic import write_text_atomically
 from omnisearchsage_hf.data.amazon_pqa import CATALOGUE_FIELDS, product_text
 from omnisearchsage_hf.data.encoders import load_sentence_encoder
-from omnisearchsage_hf.data.xquad_r import LANGUAGES
+from omnisearchsage_hf.evaluation import (
+    QuestionRanks,
+    compare_ranks,
+    load_ranks,
+    rank_epqa,
+    rank_xquad,
+    save_ranks,
+    xquad_metrics,
+)
 from omnisearchsage_hf.evaluation.baselines import zero_shot_scorer
-from omnisearchsage_hf.evaluation.benchmarks import evaluate_epqa, evaluate_xquad
-from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer
+from omnisearchsage_hf.evaluation.scoring import BM25Scorer, DenseScorer, Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BACKBONES = ROOT.parent / "shared" / "tools" / "backbones.py"
 DATA = ROOT.parent / "shared" / "data"
+RESAMPLES, SEED = 1000, 0
 
-# Each variant is the data set's config plus these overrides (dotted keys, as on train.py's command line).
 XQUAD_TASKS = {
     "query_sentence": {
         "name": "query_sentence",
         "candidate": "entity:sentences",
         "pairs": "pairs/query_sentence_train.parquet",
-        "eval_pairs": "pairs/query_sentence_test.parquet",
+        "eval_pairs": "pairs/query_sentence_dev.parquet",
         "share": 8,
+        "num_random_negatives": 64,
+    },
+    "query_sentence_crosslingual": {
+        "name": "query_sentence_crosslingual",
+        "candidate": "entity:sentences",
+        "pairs": "pairs/query_sentence_crosslingual_train.parquet",
+        "share": 4,
         "num_random_negatives": 64,
     },
     "query_query": {
@@ -77,7 +93,7 @@ XQUAD_TASKS = {
         "name": "query_sentence_e5",
         "candidate": "compat:sentences:e5_embedding",
         "pairs": "pairs/query_sentence_train.parquet",
-        "eval_pairs": "pairs/query_sentence_test.parquet",
+        "eval_pairs": "pairs/query_sentence_dev.parquet",
         "share": 2,
     },
 }
@@ -86,47 +102,157 @@ EPQA_TASKS = {
         "name": "query_product",
         "candidate": "entity:products",
         "pairs": "pairs/query_product_train.parquet",
-        "eval_pairs": "pairs/query_product_test.parquet",
+        "eval_pairs": "pairs/query_product_dev.parquet",
         "share": 4,
         "num_random_negatives": 64,
+        "max_pairs_per_candidate": 200,
     },
     "query_product_compat": {
         "name": "query_product_compat",
         "candidate": "compat:products:text_embedding",
         "pairs": "pairs/query_product_train.parquet",
-        "eval_pairs": "pairs/query_product_test.parquet",
+        "eval_pairs": "pairs/query_product_dev.parquet",
         "share": 1,
     },
 }
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "xquad_r": {
-        "omnisearchsage": {},
-        "searchsage": {"data.tasks": [XQUAD_TASKS["query_sentence_e5"]]},
-        "single_task": {"data.tasks": [XQUAD_TASKS["query_sentence"]]},
-        "base_text": {
-            "model.entity.text_fields": ["sentence"],
-            "model.entity.dense_features": {"e5_embedding": 384},
-            "model.entity.residual_features": {"e5_embedding": 1.0},
-        },
-    },
-    "amazon_pqa": {
-        "omnisearchsage": {},
-        "searchsage": {"data.tasks": [EPQA_TASKS["query_product_compat"]]},
-        "single_task": {"data.tasks": [EPQA_TASKS["query_product"]]},
-        "title_only": {"model.entity.text_fields": ["title"], "data.options.engaged_queries": False},
-        "catalogue_text": {
-            "model.entity.text_fields": list(CATALOGUE_FIELDS),
-            "data.options.engaged_queries": False,
-        },
+
+
+def tasks(catalogue: dict[str, dict[str, Any]], *names: str, **changes: dict[str, Any]) -> list[dict[str, Any]]:
+    """The named tasks of ``catalogue``, each updated with ``changes[name]`` (e.g. hard-negative options)."""
+    return [catalogue[name] | changes.get(name, {}) for name in names]
+
+
+Overrides = dict[str, Any]
+HARD_NEGATIVE_KEYS = ("num_hard_negatives", "hard_negatives", "hard_negatives_group", "hard_negatives_weight")
+
+
+def keep_tasks(*names: str) -> Callable[[Overrides], Overrides]:
+    """An ablation keeping only the named tasks (with whatever options the full model gives them)."""
+    return lambda o: o | {"data.tasks": [t for t in o["data.tasks"] if t["name"] in names]}
+
+
+def drop_tasks(*names: str) -> Callable[[Overrides], Overrides]:
+    return lambda o: o | {"data.tasks": [t for t in o["data.tasks"] if t["name"] not in names]}
+
+
+def without_hard_negatives(o: Overrides) -> Overrides:
+    return o | {"data.tasks": [{k: v for k, v in t.items() if k not in HARD_NEGATIVE_KEYS} for t in o["data.tasks"]]}
+
+
+def with_changes(**changes: Any) -> Callable[[Overrides], Overrides]:
+    return lambda o: o | {key.replace("__", "."): value for key, value in changes.items()}
+
+
+@dataclass
+class System:
+    """A trained system: the data set's config plus overrides (dotted keys, as on train.py's command line).
+
+    A system with a ``grid`` is trained once per candidate (name → overrides on top of ``BASE_OVERRIDES``)
+    and the best dev MRR is chosen. A system without one ``follows`` another and is trained with that
+    system's chosen candidate, so an ablation differs from the full model only in what ``ablate`` changes.
+    ``ablate`` also applies to the grid candidates (the SearchSage baseline: the same candidates, its one
+    task). ``compat`` scores the query tower against that pre-existing embedding instead of the entity
+    tower (the SearchSage-style baseline).
+    """
+
+    label: str
+    grid: dict[str, Overrides] = field(default_factory=dict)
+    follows: str | None = None
+    ablate: Callable[[Overrides], Overrides] = lambda o: o
+    compat: str | None = None
+
+
+# XQuAD-R candidates: the budget fits 60 minutes of 2 shared CPU cores; hard negatives are the other
+# sentences of the gold sentence's paragraph (the confusers of a paragraph-enriched entity).
+XQUAD_BUDGET = {"train.max_steps": 150, "train.learning_rate": 2e-5, "train.entity_learning_rate": 6e-5}
+XQUAD_BUDGET |= {"train.eval_every": 1000, "train.save_every": 50}
+PARAGRAPH_NEGATIVES = {"num_hard_negatives": 4, "hard_negatives_group": "paragraph"}
+XQUAD_ALL = ("query_sentence", "query_sentence_crosslingual", "query_query", "query_sentence_e5")
+XQUAD_GRID = {
+    "lr2x_s150": XQUAD_BUDGET,
+    "hn4_lr2x_s150": XQUAD_BUDGET
+    | {
+        "data.tasks": tasks(
+            XQUAD_TASKS,
+            *XQUAD_ALL,
+            query_sentence=PARAGRAPH_NEGATIVES,
+            query_sentence_crosslingual=PARAGRAPH_NEGATIVES,
+            query_sentence_e5=PARAGRAPH_NEGATIVES,
+        )
     },
 }
-ENRICHMENT = {  # paper Table 4: rows in order of added enrichment
-    "xquad_r": [("sentence only", "base_text"), ("+ paragraph context and article title", "omnisearchsage")],
-    "amazon_pqa": [
-        ("title only", "title_only"),
-        ("+ description, bullets, attributes", "catalogue_text"),
-        ("+ engaged queries (training questions)", "omnisearchsage"),
-    ],
+SYSTEMS: dict[str, dict[str, System]] = {
+    "xquad_r": {
+        "omnisearchsage": System("**OmniSearchSage** (multi-task, cross-lingual pairs)", grid=XQUAD_GRID),
+        "searchsage": System(
+            "SearchSage-style (query tower vs. the pre-existing e5 embedding only)",
+            grid=XQUAD_GRID,
+            ablate=keep_tasks("query_sentence_e5"),
+            compat="e5_embedding",
+        ),
+        "no_hard_negatives": System(
+            "OmniSearchSage without hard negatives", follows="omnisearchsage", ablate=without_hard_negatives
+        ),
+        "no_crosslingual": System(
+            "OmniSearchSage without cross-lingual pairs",
+            follows="omnisearchsage",
+            ablate=drop_tasks("query_sentence_crosslingual"),
+        ),
+        "single_task": System(
+            "OmniSearchSage, single task (query → entity only)",
+            follows="omnisearchsage",
+            ablate=keep_tasks("query_sentence"),
+        ),
+        "base_text": System(
+            "OmniSearchSage, entity = sentence only (no paragraph, no title)",
+            follows="omnisearchsage",
+            ablate=with_changes(
+                model__entity__text_fields=["sentence"],
+                model__entity__dense_features={"e5_embedding": 384},
+                model__entity__residual_features={"e5_embedding": 1.0},
+            ),
+        ),
+    },
+    "amazon_pqa": {
+        "omnisearchsage": System("**OmniSearchSage** (multi-task)", grid={"config": {}}),
+        "searchsage": System(
+            "SearchSage-style (query tower vs. the pre-existing MiniLM embedding only)",
+            grid={"config": {}},
+            ablate=keep_tasks("query_product_compat"),
+            compat="text_embedding",
+        ),
+        "single_task": System(
+            "OmniSearchSage, single task (query → entity only)",
+            follows="omnisearchsage",
+            ablate=keep_tasks("query_product"),
+        ),
+        "title_only": System(
+            "OmniSearchSage, entity = title only",
+            follows="omnisearchsage",
+            ablate=with_changes(model__entity__text_fields=["title"], data__options__engaged_queries=False),
+        ),
+        "catalogue_text": System(
+            "OmniSearchSage, entity = catalogue text (no engaged queries)",
+            follows="omnisearchsage",
+            ablate=with_changes(
+                model__entity__text_fields=list(CATALOGUE_FIELDS), data__options__engaged_queries=False
+            ),
+        ),
+    },
+}
+BASE_OVERRIDES = {
+    "xquad_r": {"data.options.dev_split": True, "data.tasks": tasks(XQUAD_TASKS, *XQUAD_ALL)},
+    "amazon_pqa": {
+        "data.options.dev_split": True,
+        "data.tasks": tasks(EPQA_TASKS, "query_product", "query_product_compat"),
+    },
+}
+# Zero-shot systems every trained one is compared with (paired bootstrap intervals of the difference).
+REFERENCES = {"xquad_r": ("e5", "e5_context"), "amazon_pqa": ("minilm", "e5")}
+# Ablations: (row label, system) pairs compared with the full model.
+ABLATIONS = {
+    "xquad_r": ("no_hard_negatives", "no_crosslingual", "single_task", "base_text", "searchsage"),
+    "amazon_pqa": ("single_task", "title_only", "catalogue_text", "searchsage"),
 }
 
 
@@ -137,53 +263,65 @@ def backbone(name: str) -> str:
     ).stdout.strip()
 
 
-def train(
-    dataset: str, variant: str, runs_dir: Path, log_dir: Path, overrides: dict[str, Any] | None = None
-) -> tuple[Path, float | None]:
-    """Train one variant with ``training/train.py`` unless its run is already finished; return its folder.
+def config_path(dataset: str) -> Path:
+    return ROOT / "training" / "configs" / f"{dataset}.yaml"
 
-    ``overrides`` (dotted keys) default to the variant's entry in ``VARIANTS``.
+
+def train(
+    dataset: str, name: str, runs_dir: Path, log_dir: Path, overrides: dict[str, Any]
+) -> tuple[Path, float | None]:
+    """Train ``runs_dir/dataset/name`` with ``training/train.py`` unless it is already finished; return it.
+
+    ``overrides`` are dotted keys on top of the data set's config. Returns the run folder and its training
+    seconds (None when unknown).
     """
-    output = runs_dir / dataset / variant
+    output = runs_dir / dataset / name
+    recorded = json.dumps(overrides, sort_keys=True)
+    for other in sorted((runs_dir / dataset).glob("*/overrides.json")):
+        if other.read_text() == recorded and other.parent != output:  # the same training under another name
+            output = other.parent
+            break
     if (output / "metrics.json").is_file() and (output / "query_tower").is_dir():
         seconds = output / "training_seconds.txt"
         return output, float(seconds.read_text()) if seconds.is_file() else None
     command = [sys.executable, str(ROOT / "training" / "train.py"), "--config", str(config_path(dataset))]
     command += ["--output_dir", str(output)]
-    overrides = dict(VARIANTS[dataset][variant] if overrides is None else overrides)
+    overrides = dict(overrides)
     if dataset == "amazon_pqa":  # the MiniLM folder sits inside its package, so the config cannot name it
         overrides |= {"model.backbone": backbone("minilm"), "data.options.compat_encoder": backbone("minilm")}
     for key, value in overrides.items():
         command.append(f"--{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}")
     if (output / "training_config.yaml").is_file():  # an earlier attempt: continue it
         command.append("--resume")
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(output / "overrides.json", recorded)
     # Zero-shot passage embeddings are cached per run; a sibling run's cache spares re-encoding them.
     cache = output / "data" / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     for sibling in (runs_dir / dataset).glob("*/data/cache/passages-*.npy"):
         if not (cache / sibling.name).exists():
             shutil.copyfile(sibling, cache / sibling.name)
-    log_path = log_dir / f"{dataset}_{variant}.log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{dataset}_{name}.log"
     start = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command[1:]) + "\n")
         log.flush()
         # The configs name Hub ids and $OMNISEARCHSAGE_DATA; here they resolve to the shared copies.
-        models = str(Path(backbone("me5")).parent)
         env = {
             **os.environ,
             "TQDM_MININTERVAL": "60",
             "OMNISEARCHSAGE_DATA": str(DATA),
-            "OMNISEARCHSAGE_MODELS": models,
+            "OMNISEARCHSAGE_MODELS": str(Path(backbone("me5")).parent),
         }
         if subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
-            raise SystemExit(f"training {dataset}/{variant} failed; see {log_path}")
+            raise SystemExit(f"training {dataset}/{name} failed; see {log_path}")
     (output / "training_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
     return output, time.time() - start
 
 
-def config_path(dataset: str) -> Path:
-    return ROOT / "training" / "configs" / f"{dataset}.yaml"
+def run_overrides(dataset: str, system: System, candidate: Overrides) -> Overrides:
+    return system.ablate(BASE_OVERRIDES[dataset] | candidate)
 
 
 def tower_scorer(run: Path, features: dict[str, dict[str, np.ndarray]], *, compat: str | None = None) -> DenseScorer:
@@ -197,7 +335,6 @@ def tower_scorer(run: Path, features: dict[str, dict[str, np.ndarray]], *, compa
         return DenseScorer(encode_queries, lambda rows: np.stack([features[compat][r["id"]] for r in rows]))
     entity_tower = AutoModel.from_pretrained(run / "entity_tower")
     names = [name for name in entity_tower.config.dense_features if name in features]
-
     fields = set(entity_tower.config.text_fields)
 
     def encode_entities(rows: list[dict]) -> np.ndarray:
@@ -222,62 +359,32 @@ def dense_columns(run: Path, table: str) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def evaluate(dataset: str, scorer, **options) -> dict[str, float]:
-    root = DATA
+def rank(dataset: str, scorer: Scorer, split: str, cache: Path, **options: Any) -> QuestionRanks:
+    """Per-question ranks of ``scorer`` on ``split`` (cached in ``cache``: a trained run never changes)."""
+    if cache.is_file():
+        return load_ranks(cache)
     if dataset == "xquad_r":
-        return evaluate_xquad(scorer, root, **options)
-    return evaluate_epqa(scorer, root, **options)
+        ranks = rank_xquad(scorer, DATA, split=split, pooled=options.get("pooled", True))
+    else:
+        options = {"engaged_queries": True, "test_question_snippets": False} | options
+        ranks = rank_epqa(scorer, DATA, dev_split=True, split=split, **options)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_ranks(ranks, cache)
+    return ranks
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(VARIANTS), required=True)
-    parser.add_argument("--variants", help="comma-separated subset of the trained variants (default: all)")
-    parser.add_argument("--runs_dir", default="runs/quality", help="where trained variants live (reused)")
-    args = parser.parse_args()
-    dataset = args.dataset
-    variants = args.variants.split(",") if args.variants else list(VARIANTS[dataset])
-    unknown = sorted(set(variants) - set(VARIANTS[dataset]))
-    if unknown:
-        raise SystemExit(f"Unknown variants {unknown}; {dataset} has {list(VARIANTS[dataset])}.")
-    RESULTS.mkdir(exist_ok=True)
-    log_dir = RESULTS / "quality_logs"
-    log_dir.mkdir(exist_ok=True)
-    runs_dir = Path(args.runs_dir)
-
-    runs, seconds = {}, {}
-    for variant in variants:
-        print(f"== training {dataset}/{variant}", flush=True)
-        runs[variant], seconds[variant] = train(dataset, variant, runs_dir, log_dir)
-
-    table = "sentences.parquet" if dataset == "xquad_r" else "products.parquet"
-    features = dense_columns(runs[variants[0]], table)
-    compat = "e5_embedding" if dataset == "xquad_r" else "text_embedding"
-    results: dict[str, dict[str, float]] = {}
-    for variant, run in runs.items():
-        print(f"== evaluating {variant}", flush=True)
-        cached = run / "quality_metrics.json"  # evaluating a trained variant again gives the same figures
-        if cached.is_file() and cached.stat().st_mtime > (run / "metrics.json").stat().st_mtime:
-            results[variant] = json.loads(cached.read_text())
-            continue
-        options = {}
-        if dataset == "amazon_pqa":
-            options["engaged_queries"] = VARIANTS[dataset][variant].get("data.options.engaged_queries", True)
-        scorer = tower_scorer(run, features, compat=compat if variant == "searchsage" else None)
-        results[variant] = evaluate(dataset, scorer, **options)
-        cached.write_text(json.dumps(results[variant], indent=2, sort_keys=True) + "\n")
-    results |= baselines(dataset, features, runs_dir / dataset / "baselines.json")
-    report(dataset, results, seconds)
+def metrics_of(dataset: str, ranks: QuestionRanks) -> dict[str, float]:
+    """Per-language and mean R@1, R@10, R@100 and MRR (+ pooled R@10 where ranked)."""
+    return xquad_metrics(ranks, pooled_k=10 if ranks.pooled else None, name="")
 
 
-def baselines(dataset: str, features: dict[str, dict[str, np.ndarray]], cache: Path) -> dict[str, dict[str, float]]:
-    """BM25, zero-shot e5 and zero-shot MiniLM on the entity's own text (cached in ``cache``: they never change).
+def zero_shot_systems(dataset: str, features: dict[str, dict[str, np.ndarray]]) -> dict[str, Callable[[], Scorer]]:
+    """BM25, zero-shot e5 and MiniLM on the entity's own text; on XQuAD-R also e5 on the enriched start.
 
-    On XQuAD-R also ``e5_context``: zero-shot e5 against the passage mix the entity tower starts from
-    (sentence + 0.5 x paragraph, renormalised), which shows what training adds to that starting point.
+    ``e5_context`` is zero-shot e5 against the passage mix the entity tower starts from (sentence + 0.5 x
+    paragraph, renormalised): what training adds to that starting point.
     """
-    results = json.loads(cache.read_text()) if cache.is_file() else {}
-    systems: dict[str, Any] = {}
+    systems: dict[str, Callable[[], Scorer]] = {}
     if dataset == "xquad_r":
         text = lambda row: row["sentence"]  # noqa: E731
         e5 = load_sentence_encoder(backbone("me5"))
@@ -303,120 +410,126 @@ def baselines(dataset: str, features: dict[str, dict[str, np.ndarray]], cache: P
         )
     systems["bm25"] = lambda: BM25Scorer(text)
     systems["minilm"] = lambda: zero_shot_scorer(load_sentence_encoder(backbone("minilm")), text)
-    for name, scorer in systems.items():
-        if name not in results:
-            print(f"== baseline {name}", flush=True)
-            options = {"pooled_k": None} if dataset == "xquad_r" and name == "bm25" else {}
-            results[name] = evaluate(dataset, scorer(), **options)
-            cache.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return results
+    return systems
 
 
-def report(dataset: str, results: dict[str, dict[str, float]], seconds: dict[str, float | None]) -> None:
-    """Write ``bench/results/<dataset>.{json,md,png}``."""
-    names = {
-        "bm25": "BM25 (bm25s defaults)",
-        "e5": "multilingual-e5-small zero-shot",
-        "e5_context": "e5 zero-shot, sentence + 0.5 x paragraph (the entity tower's starting point)",
-        "minilm": "all-MiniLM-L6-v2 zero-shot",
-        "searchsage": "SearchSage-style (query tower vs. the pre-existing embedding only)",
-        "single_task": "OmniSearchSage, single task (query → entity only)",
-        "omnisearchsage": "**OmniSearchSage** (multi-task)",
-    }
-    payload = {"dataset": dataset, "training_seconds": seconds, "results": results}
-    write_text_atomically(RESULTS / f"{dataset}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-    lines = [f"# Retrieval quality: {dataset} (`python bench/quality.py --dataset {dataset}`)", ""]
-    order = ("bm25", "e5", "minilm", "e5_context", "searchsage", "single_task", "omnisearchsage")
-    main_rows = [k for k in order if k in results]
-    if dataset == "xquad_r":
-        lines += [
-            "Recall@10 of each language's test questions (articles with index % 3 == 2) against all of that "
-            "language's sentences (~1,200; 852 in Thai); pooled = all 11 languages' sentences in one index, the "
-            "fraction of a question's 11 parallel gold sentences in its top 10 (ceiling 10/11 = 0.909). Data: "
-            "XQuAD-R (CC BY-SA 4.0, Roy et al. 2020).",
-            "",
-            "| | " + " | ".join(LANGUAGES) + " | mean | pooled |",
-            "|---|" + "---|" * (len(LANGUAGES) + 2),
-        ]
-
-        def row(key: str) -> str:
-            m = results[key]
-            values = [m[f"xquad_r_{lang}_recall@10"] for lang in LANGUAGES]
-            pooled = m.get("xquad_r_pooled_recall@10")
-            cells = " | ".join(f"{v:.3f}" for v in values)
-            return f"| {names.get(key, key)} | {cells} | {np.mean(values):.3f} | " + (
-                f"{pooled:.3f} |" if pooled is not None else "n/a |"
-            )
-
-        metric = "xquad_r_recall@10"
-    else:
-        lines += [
-            "Recall@10 (and MRR) of the 304 test questions (md5(qid) % 3 == 0) against all 888 products; product "
-            "text = title + description/bullet/attribute snippets for every system, plus the product's training "
-            "questions as engaged queries where a row says so. Data: Amazon ePQA (CDLA-Sharing-1.0).",
-            "",
-            "| | Recall@1 | Recall@10 | Recall@100 | MRR |",
-            "|---|---|---|---|---|",
-        ]
-
-        def row(key: str) -> str:
-            m = results[key]
-            cells = " | ".join(f"{m[f'epqa_{x}']:.3f}" for x in ("recall@1", "recall@10", "recall@100", "mrr"))
-            return f"| {names.get(key, key)} | {cells} |"
-
-        metric = "epqa_recall@10"
-    lines += [row(key) for key in main_rows]
-    lines += ["", "## Enrichment ablation (paper Table 4)", "", "| entity text | Recall@10 |", "|---|---|"]
-    lines += [f"| {label} | {results[key][metric]:.3f} |" for label, key in ENRICHMENT[dataset] if key in results]
-    if "single_task" in results and "omnisearchsage" in results:
-        lines += ["", "## Single-task vs multi-task (paper Table 5)", "", "| model | Recall@10 |", "|---|---|"]
-        lines += [f"| {names[key]} | {results[key][metric]:.3f} |" for key in ("single_task", "omnisearchsage")]
-    trained = {k: v for k, v in seconds.items() if v is not None}
-    if trained:
-        lines += [
-            "",
-            "Training time on this machine (2 CPU cores, shared): "
-            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in trained.items())
-            + f". Logs: `quality_logs/{dataset}_*.log`.",
-        ]
-    md = RESULTS / f"{dataset}.md"
-    write_text_atomically(md, "\n".join(lines) + "\n")
-    bar_chart(dataset, results, main_rows, names, RESULTS / f"{dataset}.png")
-    print(md.read_text())
+def select_on_dev(dataset: str, systems: list[str], runs_dir: Path, log_dir: Path) -> dict[str, Any]:
+    """Train every grid candidate, rank it on dev, choose the best dev MRR per system; write the dev results."""
+    out: dict[str, Any] = {"candidates": {}, "chosen": {}, "baselines": {}}
+    for name, system in SYSTEMS[dataset].items():
+        if not system.grid or name not in systems:
+            continue
+        best = None
+        for candidate, changes in system.grid.items():
+            run_name = f"{name}__{candidate}"
+            print(f"== dev: training {dataset}/{run_name}", flush=True)
+            run, seconds = train(dataset, run_name, runs_dir, log_dir, run_overrides(dataset, system, changes))
+            features = dense_columns(run, entity_table(dataset))
+            ranks = rank(dataset, tower_scorer(run, features, compat=system.compat), "dev", run / "ranks_dev.npz")
+            metrics = metrics_of(dataset, ranks)
+            out["candidates"][run_name] = {"run": run.name, "overrides": changes, "seconds": seconds, "dev": metrics}
+            if best is None or metrics["mrr"] > out["candidates"][best]["dev"]["mrr"]:
+                best = run_name
+        out["chosen"][name] = best
+    first = next(iter(out["candidates"].values()))["run"]
+    features = dense_columns(runs_dir / dataset / first, entity_table(dataset))
+    for name, scorer in zero_shot_systems(dataset, features).items():
+        print(f"== dev: zero-shot {name}", flush=True)
+        cache = runs_dir / dataset / "baselines" / f"{name}_dev.npz"
+        ranks = rank(dataset, scorer(), "dev", cache, **({"pooled": False} if name == "bm25" else {}))
+        out["baselines"][name] = metrics_of(dataset, ranks)
+    write_dev_report(dataset, out, RESULTS)
+    return out
 
 
-def bar_chart(
-    dataset: str, results: dict[str, dict[str, float]], keys: list[str], names: dict[str, str], path: Path
-) -> None:
-    """Grouped bars of Recall@10: per language for XQuAD-R, per metric for ePQA."""
-    import matplotlib
+def entity_table(dataset: str) -> str:
+    return "sentences.parquet" if dataset == "xquad_r" else "products.parquet"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    if dataset == "xquad_r":
-        groups = [*LANGUAGES, "mean"]
-        values = {
-            k: [results[k][f"xquad_r_{g}_recall@10"] for g in LANGUAGES] + [results[k]["xquad_r_recall@10"]]
-            for k in keys
+def evaluate_on_test(dataset: str, systems: list[str], chosen: dict[str, str], runs_dir: Path, log_dir: Path) -> None:
+    """Rank the chosen runs, the ablations and the zero-shot systems on test; write the final tables."""
+    runs: dict[str, Path] = {}
+    seconds: dict[str, float | None] = {}
+    overrides: dict[str, Overrides] = {}
+    for name, system in SYSTEMS[dataset].items():
+        if name not in systems:
+            continue
+        source = name if system.grid else system.follows
+        candidate = chosen[source].split("__", 1)[1]
+        overrides[name] = run_overrides(dataset, system, SYSTEMS[dataset][source].grid[candidate])
+        print(f"== test: training {dataset}/{name}__{candidate}", flush=True)
+        runs[name], seconds[name] = train(dataset, f"{name}__{candidate}", runs_dir, log_dir, overrides[name])
+    features = dense_columns(runs["omnisearchsage"], entity_table(dataset))
+    ranks: dict[str, QuestionRanks] = {}
+    for name, run in runs.items():
+        print(f"== test: ranking {name}", flush=True)
+        options = {}
+        if dataset == "amazon_pqa":
+            options["engaged_queries"] = overrides[name].get("data.options.engaged_queries", True)
+        scorer = tower_scorer(run, features, compat=SYSTEMS[dataset][name].compat)
+        ranks[name] = rank(dataset, scorer, "test", run / "ranks_test.npz", **options)
+    for name, scorer in zero_shot_systems(dataset, features).items():
+        print(f"== test: zero-shot {name}", flush=True)
+        cache = runs_dir / dataset / "baselines" / f"{name}_test.npz"
+        ranks[name] = rank(dataset, scorer(), "test", cache, **({"pooled": False} if name == "bm25" else {}))
+    if dataset == "amazon_pqa":  # the leaky catalogue, for comparison with earlier figures only
+        leaky = {"test_question_snippets": True}
+        ranks["minilm_leaky"] = rank(
+            dataset,
+            zero_shot_systems(dataset, features)["minilm"](),
+            "test",
+            runs_dir / dataset / "baselines" / "minilm_test_leaky.npz",
+            **leaky,
+        )
+        run = runs["omnisearchsage"]
+        ranks["omnisearchsage_leaky"] = rank(
+            dataset, tower_scorer(run, features), "test", run / "ranks_test_leaky.npz", **leaky
+        )
+    metrics = {name: metrics_of(dataset, r) for name, r in ranks.items()}
+    comparisons: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for reference in (*REFERENCES[dataset], "omnisearchsage"):
+        comparisons[reference] = {
+            name: {m: vars(ci) for m, ci in compare_ranks(ranks[reference], r, resamples=RESAMPLES, seed=SEED).items()}
+            for name, r in ranks.items()
+            if name != reference and not name.endswith("_leaky")
         }
+    payload = {
+        "dataset": dataset,
+        "chosen_on_dev": chosen,
+        "training_seconds": seconds,
+        "metrics": metrics,
+        "differences": comparisons,
+        "bootstrap": {"resamples": RESAMPLES, "seed": SEED, "confidence": 0.95},
+        "labels": {name: system.label for name, system in SYSTEMS[dataset].items()},
+        "ablations": [name for name in ABLATIONS[dataset] if name in runs],
+        "not_run": [name for name in SYSTEMS[dataset] if name not in runs],
+        "references": REFERENCES[dataset],
+    }
+    write_text_atomically(RESULTS / f"{dataset}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_test_report(dataset, payload, RESULTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(SYSTEMS), required=True)
+    parser.add_argument("--stage", choices=("dev", "test", "all"), default="all")
+    parser.add_argument("--runs_dir", default="runs/quality", help="where trained runs live (reused)")
+    parser.add_argument("--systems", help="comma-separated trained systems to include (default: all)")
+    args = parser.parse_args()
+    systems = args.systems.split(",") if args.systems else list(SYSTEMS[args.dataset])
+    unknown = sorted(set(systems) - set(SYSTEMS[args.dataset]))
+    if unknown or "omnisearchsage" not in systems:
+        raise SystemExit(
+            f"--systems must include omnisearchsage and come from {list(SYSTEMS[args.dataset])}; got {systems}."
+        )
+    RESULTS.mkdir(exist_ok=True)
+    log_dir, runs_dir = RESULTS / "quality_logs", Path(args.runs_dir)
+    if args.stage in ("dev", "all"):
+        chosen = select_on_dev(args.dataset, systems, runs_dir, log_dir)["chosen"]
     else:
-        groups = ["recall@1", "recall@10", "recall@100", "mrr"]
-        values = {k: [results[k][f"epqa_{g}"] for g in groups] for k in keys}
-    figure, axes = plt.subplots(figsize=(max(8, 1.1 * len(groups) + 2), 4.5))
-    width = 0.8 / len(keys)
-    for i, key in enumerate(keys):
-        positions = np.arange(len(groups)) + (i - (len(keys) - 1) / 2) * width
-        axes.bar(positions, values[key], width, label=names.get(key, key).replace("*", ""))
-    axes.set_xticks(np.arange(len(groups)), groups)
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("Recall@10" if dataset == "xquad_r" else "score")
-    axes.set_title(f"{dataset}: test questions")
-    axes.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    plt.close(figure)
+        chosen = json.loads((RESULTS / f"{args.dataset}_dev.json").read_text())["chosen"]
+    if args.stage in ("test", "all"):
+        evaluate_on_test(args.dataset, systems, chosen, runs_dir, log_dir)
 
 
 if __name__ == "__main__":
