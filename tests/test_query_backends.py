@@ -44,16 +44,22 @@ def tower(tiny_backbone_dir):
 
 
 @pytest.fixture(scope="module")
-def exported(tower, tmp_path_factory) -> Path:
-    """The tower saved, with all four exports (those whose runtime is installed); ONNX float32 via the command."""
+def exported(tower, tmp_path_factory, pytestconfig) -> Path:
+    """The tower saved, with all four exports (those whose runtime is installed); ONNX float32 via the command.
+
+    Made with pytest's output capture off: torch.onnx, nncf and onnxruntime create logging handlers on first
+    use, bound to the ``sys.stdout`` / ``sys.stderr`` of that moment; a capture buffer there is closed after
+    the test and breaks every later test's capture.
+    """
     folder = tmp_path_factory.mktemp("backends") / "query_tower"
     tower.save_pretrained(folder)
-    if HAS_ORT:
-        assert export_main([str(folder), "--backend", "onnx"]) == 0
-        export_query_tower(folder, "onnx", quantize="int8")
-    if HAS_OV:
-        export_query_tower(folder, "openvino")
-        export_query_tower(folder, "openvino", quantize="int8", calibration_queries=QUERIES * 5)
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        if HAS_ORT:
+            assert export_main([str(folder), "--backend", "onnx"]) == 0
+            export_query_tower(folder, "onnx", quantize="int8")
+        if HAS_OV:
+            export_query_tower(folder, "openvino")
+            export_query_tower(folder, "openvino", quantize="int8", calibration_queries=QUERIES * 5)
     return folder
 
 

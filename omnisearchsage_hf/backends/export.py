@@ -35,14 +35,16 @@ added to it (``export_files.record_files``), so the folder still verifies and ``
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from transformers.utils import logging
+from transformers.utils import logging as transformers_logging
 
 from ..atomic import replace_atomically
 from ..modeling import OmniSearchSageQueryModel
@@ -59,7 +61,7 @@ from .export_files import (
     record_files,
 )
 
-logger = logging.get_logger(__name__)
+logger = transformers_logging.get_logger(__name__)
 
 ONNX_OPSET = 20
 # Calibration queries that nncf reads at most (sentence-transformers' default for OpenVINO int8 is 300).
@@ -214,14 +216,34 @@ def _quantize_onnx(source: Path, target: Path) -> None:
         # a feed-forward down-projection, whose GELU inputs have outliers (see the module docstring).
         if not shapes or (len(shapes[0]) == 2 and shapes[0][0] > shapes[0][1]):
             keep_float.append(node.name)
-    quantize_dynamic(
-        str(source),
-        str(target),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=keep_float,
-    )
+    with _no_implicit_root_handler():
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=keep_float,
+        )
+
+
+@contextlib.contextmanager
+def _no_implicit_root_handler() -> Iterator[None]:
+    """Keep a library call from configuring the caller's logging.
+
+    onnxruntime's quantizer logs through ``logging.warning``, which installs a handler on the root logger
+    (``basicConfig``) when it has none: the caller's process would then print every library's warnings, to
+    whatever ``sys.stderr`` was at that moment (a closed capture buffer, under pytest). A handler of ours
+    while the call runs prevents that and is removed after it; the quantizer's advice (pre-process the
+    model first) does not apply to these exports.
+    """
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
 
 
 def _export_openvino(source: Path, target: Path, tower: OmniSearchSageQueryModel, calibration: list[str]) -> None:
