@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..modeling import OmniSearchSageQueryConfig, OmniSearchSageQueryModel
-from ..modeling.encoding import check_batch, check_truncate_dim, encode_in_batches, replace_surrogates
+from ..modeling.encoding import check_queries, encode_in_batches, tokenize_queries
 from ..modeling.modeling_query import pool
 from ..modeling.saved_folder import check_config_file, local_resolver, read_checksums
 from .export_files import (
@@ -105,14 +105,7 @@ class QueryEncoder:
             # (2, 256)
             ```
         """
-        single = isinstance(queries, str)
-        if single:
-            queries = [queries]
-        check_batch(queries, "queries")
-        for i, query in enumerate(queries):
-            if not isinstance(query, str):
-                raise TypeError(f"`queries[{i}]` must be a str, got {type(query).__name__}: {query!r}.")
-        check_truncate_dim(truncate_dim, self.config.out_dim)
+        queries, single = check_queries(queries, self.config.out_dim, truncate_dim)
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"`device` must be None or 'cpu' for {self.description}, got {device!r}.")
         embeddings = encode_in_batches(
@@ -131,10 +124,10 @@ class QueryEncoder:
 
     def _embed_batch(self, batch: list[str]) -> torch.Tensor:
         """``(len(batch), out_dim)`` unit vectors, tokenised as ``OmniSearchSageQueryModel.tokenize`` does."""
-        features = self.tokenizer(
-            [self.config.query_prefix + replace_surrogates(query) for query in batch],
-            padding=True,
-            truncation=True,
+        features = tokenize_queries(
+            self.tokenizer,
+            batch,
+            prefix=self.config.query_prefix,
             max_length=self.config.max_length,
             return_tensors="np",
         )

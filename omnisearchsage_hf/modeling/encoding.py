@@ -54,6 +54,37 @@ def check_truncate_dim(truncate_dim: int | None, out_dim: int) -> None:
         )
 
 
+def check_queries(queries: str | Sequence[str], out_dim: int, truncate_dim: int | None) -> tuple[list[str], bool]:
+    """``(queries as a list, whether one string was given)``, after the checks every query ``encode`` makes.
+
+    Raises ``TypeError`` naming the index of a non-string, ``ValueError`` for an empty list or a
+    ``truncate_dim`` outside ``[1, out_dim]``.
+    """
+    single = isinstance(queries, str)
+    queries = [queries] if single else queries
+    check_batch(queries, "queries")
+    for i, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise TypeError(f"`queries[{i}]` must be a str, got {type(query).__name__}: {query!r}.")
+    check_truncate_dim(truncate_dim, out_dim)
+    return list(queries), single
+
+
+def tokenize_queries(tokenizer: Any, queries: Sequence[str], *, prefix: str, max_length: int, return_tensors: str):
+    """Tokenizer features of ``prefix + query`` for each query, padded, truncated to ``max_length`` tokens.
+
+    UTF-16 surrogates, which no tokenizer can encode, are joined or replaced first (``replace_surrogates``).
+    The one tokenisation of queries: the PyTorch tower and the exported backends both call it.
+    """
+    return tokenizer(
+        [prefix + replace_surrogates(query) for query in queries],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors=return_tensors,
+    )
+
+
 @contextlib.contextmanager
 def evaluating(model: torch.nn.Module, device: str | torch.device | None = None) -> Iterator[None]:
     """Run the block with ``model`` on ``device`` (if given) and dropout off; restore every submodule's mode.

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput, logging
 
 from .attached_tokenizer import AttachedTokenizerMixin
 from .configuration_query import OmniSearchSageQueryConfig, PoolingMode
-from .encoding import check_batch, check_truncate_dim, encode_in_batches, evaluating, replace_surrogates
+from .encoding import check_queries, encode_in_batches, evaluating, tokenize_queries
 from .saved_folder import REFETCH
 from .sentence_transformers_folder import write_sentence_transformers_files
 
@@ -268,14 +268,7 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
             # (2, 256) float32
             ```
         """
-        single = isinstance(queries, str)
-        if single:
-            queries = [queries]
-        check_batch(queries, "queries")
-        for i, query in enumerate(queries):
-            if not isinstance(query, str):
-                raise TypeError(f"`queries[{i}]` must be a str, got {type(query).__name__}: {query!r}.")
-        check_truncate_dim(truncate_dim, self.config.out_dim)
+        queries, single = check_queries(queries, self.config.out_dim, truncate_dim)
         if self.tokenizer is None:
             raise ValueError(
                 "This query tower has no tokenizer (`model.tokenizer` is None): set `model.tokenizer` to the "
@@ -307,10 +300,10 @@ class OmniSearchSageQueryModel(AttachedTokenizerMixin, OmniSearchSageQueryPreTra
         ``encode`` and the trainer both go through here, so training sees exactly what inference sees.
         UTF-16 surrogates, which no tokenizer can encode, are joined or replaced (``replace_surrogates``).
         """
-        features = self.tokenizer(
-            [self.config.query_prefix + replace_surrogates(query) for query in queries],
-            padding=True,
-            truncation=True,
+        features = tokenize_queries(
+            self.tokenizer,
+            queries,
+            prefix=self.config.query_prefix,
             max_length=self.config.max_length,
             return_tensors="pt",
         )
