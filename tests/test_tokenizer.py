@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from omnisearchsage_hf import OmniSearchSageTokenizer, build_vocab
-from omnisearchsage_hf.tokenization.ngrams import NgramVocabulary, prepare, segment
+from omnisearchsage_hf.tokenization.ngrams import NgramVocabulary, prepare, segment, segment_batch, token_keys
 
 
 def ngrams(text: str, max_chars: int = 1024):
@@ -188,6 +188,17 @@ class TestVocabulary:
     def test_duplicate_entries_rejected(self):
         with pytest.raises(ValueError, match="twice"):
             NgramVocabulary([], ["a", "a"], [])
+
+    def test_bigram_entries_key_as_the_segmenter_keys_them(self):
+        texts = [prepare(t, 1024) for t in ("café crème brûlée", "北京欢迎你", "i \u2764\ufe0f ny", "red-blue, green")]
+        bigrams = [bigram for text in texts for bigram in segment(text).bigrams]
+        assert len(bigrams) == 10
+        assert token_keys("bigram", bigrams).tolist() == segment_batch(texts).bigram_keys.tolist()
+
+    @pytest.mark.parametrize("bad", ["ab", "#b", "a#", "a#b#c", "a##b", ""])
+    def test_malformed_bigram_entries_are_named(self, bad):
+        with pytest.raises(ValueError, match=f"two words joined by '#', got {bad!r}"):
+            token_keys("bigram", ["x#y", bad, "z#w"])
 
 
 class TestSaveLoad:

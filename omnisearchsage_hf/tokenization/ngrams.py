@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -235,12 +235,21 @@ def token_keys(kind: str, tokens: Sequence[str]) -> np.ndarray:
         ends = np.cumsum(lengths)
         return span_keys(_codepoints("".join(tokens)), ends - lengths, ends)
     if kind == "bigram":
-        pairs = [t.split(BOUNDARY) for t in tokens]
-        bad = next((t for t, p in zip(tokens, pairs, strict=True) if len(p) != 2 or not all(p)), None)
-        if bad is not None:
-            raise ValueError(f"Every bigram must be two words joined by {BOUNDARY!r}, got {bad!r}.")
-        words = token_keys("unigram", [w for pair in pairs for w in pair]).reshape(-1, 2)
-        return _bigram_keys(words[:, 0], words[:, 1])
+        # Vectorised over the joined tokens (a paper-sized vocabulary has 1M bigrams): each must hold exactly one
+        # boundary, with a word on either side of it.
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        codepoints = _codepoints("".join(tokens))
+        marks = np.flatnonzero(codepoints == ord(BOUNDARY))  # (num_marks,) positions in the joined text
+        token_of_mark = np.searchsorted(ends, marks, side="right")  # (num_marks,) which token holds each mark
+        middle = np.full(len(tokens), -1, dtype=np.int64)
+        middle[token_of_mark[::-1]] = marks[::-1]  # each token's first mark (the last write wins)
+        count = np.bincount(token_of_mark, minlength=len(tokens))
+        bad = (count != 1) | (middle == starts) | (middle == ends - 1)
+        if bad.any():
+            raise ValueError(f"Every bigram must be two words joined by {BOUNDARY!r}, got {tokens[int(bad.argmax())]!r}.")
+        return _bigram_keys(span_keys(codepoints, starts, middle), span_keys(codepoints, middle + 1, ends))
     raise ValueError(f"Unknown n-gram kind {kind!r}; expected one of {KINDS}.")
 
 
@@ -293,9 +302,19 @@ class NgramVocabulary:
         unigrams: Words, most frequent first.
         bigrams: ``"w1#w2"`` strings, most frequent first.
         oov_buckets: Number of extra ids for out-of-vocabulary n-grams (0 drops them).
+        keys: ``{kind: token_keys(kind, tokens)}`` when the caller has computed them already (loading does, to
+            name the file of a malformed token); None (default) computes them here.
     """
 
-    def __init__(self, trigrams: Sequence[str], unigrams: Sequence[str], bigrams: Sequence[str], oov_buckets: int = 0):
+    def __init__(
+        self,
+        trigrams: Sequence[str],
+        unigrams: Sequence[str],
+        bigrams: Sequence[str],
+        oov_buckets: int = 0,
+        *,
+        keys: Mapping[str, np.ndarray] | None = None,
+    ):
         if not isinstance(oov_buckets, int) or oov_buckets < 0:
             raise ValueError(f"`oov_buckets` must be an int >= 0, got {oov_buckets!r}.")
         self.tokens = {"trigram": list(trigrams), "unigram": list(unigrams), "bigram": list(bigrams)}
@@ -305,12 +324,12 @@ class NgramVocabulary:
         offset = 0
         for kind in KINDS:
             self.file_bytes(kind)  # raises now, not halfway through a save, if a token cannot be written
-            keys = token_keys(kind, self.tokens[kind])
-            if len(np.unique(keys)) != len(keys):
+            kind_keys = token_keys(kind, self.tokens[kind]) if keys is None else keys[kind]
+            if len(np.unique(kind_keys)) != len(kind_keys):
                 raise ValueError(f"The {kind} vocabulary lists a token twice; each token must appear once.")
             self.offsets[kind] = offset
-            self._tables[kind] = KeyTable(keys, np.arange(offset, offset + len(keys)))
-            offset += len(keys)
+            self._tables[kind] = KeyTable(kind_keys, np.arange(offset, offset + len(kind_keys)))
+            offset += len(kind_keys)
         self.oov_offset = offset
 
     def file_bytes(self, kind: str) -> bytes:

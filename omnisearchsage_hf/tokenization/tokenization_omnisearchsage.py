@@ -108,15 +108,15 @@ def _vocabulary_from_files(
             f"No `vocabulary_checksums`{source} (saved before they were added): the vocabulary files cannot be "
             "verified. Save the tokenizer again to add them."
         )
-    lists, file_bytes = {}, {}
+    lists, file_bytes, keys = {}, {}, {}
     for kind, path in zip(KINDS, files.values(), strict=True):
         lists[kind], file_bytes[kind] = _read_vocabulary_file(path, expected[kind] if expected else None)
         try:
-            token_keys(kind, lists[kind])
+            keys[kind] = token_keys(kind, lists[kind])
         except ValueError as error:
             raise ValueError(f"Vocabulary file {str(path)!r}: {error}") from None
     try:
-        vocabulary = NgramVocabulary(lists["trigram"], lists["unigram"], lists["bigram"], oov_buckets)
+        vocabulary = NgramVocabulary(lists["trigram"], lists["unigram"], lists["bigram"], oov_buckets, keys=keys)
     except ValueError as error:  # `oov_buckets` comes from tokenizer_config.json, the tokens from the files
         raise ValueError(f"{error}{source}") from None
     # A file that ends in a newline is byte for byte what `save_vocabulary` writes of its tokens.
