@@ -4,6 +4,7 @@ vectors within 1e-6), resuming from that engine's chunks, the same refusals, and
 Runs on a local Ray of 2 CPUs, started once for the module."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,55 @@ def test_ray_output_equals_the_single_machine_output_and_resumes_its_chunks(towe
     resumed = EntityEmbeddings.load(local)
     assert resumed.ids == order
     np.testing.assert_allclose(resumed.embeddings, expected.embeddings, atol=1e-6, rtol=0)
+
+
+def test_rows_that_ray_returns_in_any_order_land_in_their_own_rows(tower, tmp_path, monkeypatch):
+    """Ray Data may return blocks out of file order (its parquet reader lists files in parallel): rows handed
+    to the driver one by one in a shuffled order give the single-machine output; a row returned twice, or rows
+    missing, are errors that write nothing of the chunk concerned."""
+    from omnisearchsage_hf.serving import ray_inference
+
+    table = split_table(tmp_path / "pins")
+    local = embed_entity_table(tower, table, tmp_path / "local", entity_type="pin", chunk_size=7,
+                               show_progress_bar=False)  # fmt: skip
+    returned = ray_inference._embedded
+
+    def rows_shuffled(*args):
+        rows = [{key: value[i : i + 1] for key, value in batch.items()} for batch in returned(*args)
+                for i in range(len(batch["id"]))]  # fmt: skip
+        np.random.default_rng(0).shuffle(rows)
+        assert [row["id"][0] for row in rows[:3]] != ["pin0", "pin1", "pin2"]
+        yield from rows
+
+    monkeypatch.setattr(ray_inference, "_embedded", rows_shuffled)
+    out = embed_entity_table_with_ray(tower, table, tmp_path / "ray", entity_type="pin", chunk_size=7,
+                                      rows_per_call=5, show_progress_bar=False, **POOL)  # fmt: skip
+    expected, got = EntityEmbeddings.load(local), EntityEmbeddings.load(out)
+    assert got.ids == expected.ids
+    np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=1e-6, rtol=0)
+
+    def first_row_twice(*args):
+        batches = list(returned(*args))
+        yield {key: value[:1] for key, value in batches[0].items()}
+        yield from batches
+
+    def last_row_lost(*args):
+        batches = list(returned(*args))
+        yield from batches[:-1]
+        yield {key: value[:-1] for key, value in batches[-1].items()}
+
+    # Which chunk the doubled or lost row is in depends on the order Ray returns blocks in: read it off the error.
+    for name, returns, pattern in [
+        ("twice", first_row_twice, r"returned a row of chunk (\d) twice; nothing of that chunk was written"),
+        ("lost", last_row_lost, r"fewer rows than the table has left to embed \(chunks \[(\d)\] incomplete\)"),
+    ]:
+        monkeypatch.setattr(ray_inference, "_embedded", returns)
+        with pytest.raises(RuntimeError, match=pattern) as error:
+            embed_entity_table_with_ray(tower, table, tmp_path / name, entity_type="pin", chunk_size=7,
+                                        rows_per_call=5, show_progress_bar=False, **POOL)  # fmt: skip
+        chunk = int(re.search(pattern, str(error.value)).group(1))
+        assert not list((tmp_path / name / "chunks").glob(f"{chunk:06d}*"))
+        assert not (tmp_path / name / "manifest.json").exists()
 
 
 def test_rows_that_cannot_be_embedded_are_named_as_the_single_machine_engine_names_them(tower, tmp_path):

@@ -5,9 +5,11 @@ under ``accelerate launch`` is the right tool: its processes split fixed chunks 
 scheduler and no object store in between. Past one machine, teams run such jobs on a cluster framework; this
 module is the Ray Data path. ``ray.data.read_parquet`` reads the table in blocks across the cluster,
 ``Dataset.map_batches`` sends each block to one of ``num_actors`` actors that each hold a copy of the tower, and
-the driver (the process that calls :func:`embed_entity_table_with_ray`) receives the embedded rows in table
-order, cuts them into the same chunk files and merges them into the same ``embeddings.npy``, ``ids.json`` and
-``manifest.json`` as the single-machine engine (see ``batch_inference``'s module docstring).
+the driver (the process that calls :func:`embed_entity_table_with_ray`) receives the embedded rows in whatever
+order they finish, places each by its id into its table row, writes the same chunk files and merges them into
+the same ``embeddings.npy``, ``ids.json`` and ``manifest.json`` as the single-machine engine (see
+``batch_inference``'s module docstring). Ray Data's own ordering is not relied on: its parquet reader lists a
+folder's files in parallel, and on a table of 20 files it returned the rows of file 9 first.
 
 What is shared, not copied: rows become vectors through :func:`~.entity_rows.embed_rows` (inside each actor,
 on its record batch), the table is checked by :func:`~.entity_rows.check_features`, and the plan, fingerprints,
@@ -40,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +66,9 @@ from .batch_inference import (
 )
 from .chunk_files import chunk_rows, read_chunk, write_chunk
 from .entity_rows import check_features, embed_rows
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +137,8 @@ def embed_entity_table_with_ray(
         ImportError: Ray Data is not installed.
         ValueError: What :func:`~.batch_inference.embed_entity_table` refuses (the same messages), a table
             that is not parquet, or a pool the cluster cannot hold (too many CPUs or GPUs).
-        RuntimeError: Ray Data returned rows out of table order, or an actor loaded another model.
+        RuntimeError: Ray Data returned a row twice, too few rows, or rows of finished chunks, or an actor loaded
+            another model.
 
     Example:
         ```python
@@ -177,7 +184,9 @@ class TowerActor:
 
     Args:
         model_class: The tower's class; ``from_pretrained`` loads ``files`` with it.
-        files: The tower's saved folder, as ``{relative path: bytes}`` (safetensors weights, no pickle).
+        files: A reference, in Ray's object store, to the tower's saved folder as ``{relative path: bytes}``
+            (safetensors weights, no pickle): put there once, it reaches each actor without being serialised
+            into the map operator itself.
         fingerprint: :func:`model_fingerprint` of the driver's model; the loaded tower must match it.
         table_name: The table's name in error messages (the driver's, so both engines word them the same).
         skip: Ids whose chunks are already on disk: left out before embedding. None embeds every row.
@@ -189,7 +198,7 @@ class TowerActor:
         self,
         *,
         model_class: type[OmniSearchSageEntityModel | ItemSageModel],
-        files: dict[str, bytes],
+        files: ObjectRef,
         fingerprint: str,
         table_name: str,
         skip: pa.Array | None,
@@ -200,7 +209,7 @@ class TowerActor:
 
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as folder:
-            for name, data in files.items():
+            for name, data in ray.get(files).items():
                 (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(folder) / name).write_bytes(data)
             self.model = model_class.from_pretrained(folder)
@@ -326,14 +335,14 @@ def _embedded(
     plan: dict,
     pool: _ActorPool,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The embedded rows of ``files`` (batches of ``id`` and ``(n, dim)`` ``embedding``) in table order, less the
+    """The embedded rows of ``files`` (batches of ``id`` and ``(n, dim)`` ``embedding``) in any order, less the
     ids in ``skip``; an actor's refusal is re-raised as the error the single-machine engine raises."""
     dataset = ray.data.read_parquet([str(file) for file in files]).select_columns([ID_COLUMN, *features])
     dataset = dataset.repartition(target_num_rows_per_block=pool.rows_per_call).map_batches(
         TowerActor,
         fn_constructor_kwargs={
             "model_class": type(model),
-            "files": _saved_files(model),
+            "files": ray.put(_saved_files(model)),
             "fingerprint": plan["model"],
             "table_name": entities.name,
             "skip": skip,
@@ -346,7 +355,6 @@ def _embedded(
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
     )
-    dataset.context.execution_options.preserve_order = True  # rows come back in table order
     dataset.context.raise_original_map_exception = True  # a refused row is embed_rows' ValueError, not a wrapper
     dataset.context.enable_progress_bars = False  # the driver's bar counts chunks, as the other engine's does
     try:
@@ -366,41 +374,52 @@ def _write_chunks(
     batches: Iterator[dict[str, np.ndarray]],
     bar: tqdm,
 ) -> None:
-    """Cut the embedded rows (table order, the rows of finished chunks left out) into the chunks ``todo`` and write
-    each, once its ids are checked against the table's."""
-    chunks = iter(todo)
-    chunk = next(chunks, None)
-    ids: list[np.ndarray] = []
-    vectors: list[np.ndarray] = []
-    buffered = 0
+    """Place the embedded rows into the chunks ``todo`` by their ids, and write each chunk once all its rows are in.
+
+    Rows may arrive in any order (Ray Data lists a folder's files in parallel, so blocks need not come in file
+    order): each row's table position comes from its id, so a vector can only land in its own row. A chunk
+    is held in memory from its first row to its last; a row of a finished chunk, a row seen twice or a
+    missing row is an error, and nothing of an incomplete chunk is written.
+    """
+    pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # chunk -> ((rows, dim) vectors, (rows,) filled)
+    left = set(todo)
     for batch in batches:
         if not len(batch["id"]):  # a block whose rows were all in finished chunks
             continue
-        ids.append(batch["id"])
-        vectors.append(batch["embedding"])
-        buffered += len(batch["id"])
-        while chunk is not None and buffered >= len(rows := chunk_rows(len(entities), chunk_size, chunk)):
-            got, embedded = np.concatenate(ids), np.concatenate(vectors)  # (buffered, dim)
-            _check_order(entities, chunk, rows, got[: len(rows)])
-            write_chunk(output_dir, chunk, run, np.ascontiguousarray(embedded[: len(rows)], dtype=np.float32))
-            bar.update(1)
-            ids, vectors, buffered = [got[len(rows) :]], [embedded[len(rows) :]], buffered - len(rows)
-            chunk = next(chunks, None)
-    if chunk is not None or buffered:
+        positions = entities.rows_of(batch["id"], where="the rows Ray Data returned")  # (n,)
+        chunk_of_row = positions // chunk_size  # (n,)
+        for chunk in np.unique(chunk_of_row).tolist():
+            if chunk not in left:
+                raise RuntimeError(
+                    f"Ray Data returned a row of chunk {chunk} (id {batch['id'][chunk_of_row == chunk][0]!r}), "
+                    f"which is not among the chunks left to embed ({sorted(left)}). Run again: finished chunks "
+                    "are kept."
+                )
+            rows = chunk_rows(len(entities), chunk_size, chunk)
+            if chunk not in pending:
+                pending[chunk] = (
+                    np.empty((len(rows), batch["embedding"].shape[1]), np.float32),
+                    np.zeros(len(rows), bool),
+                )
+            vectors, filled = pending[chunk]
+            mine = chunk_of_row == chunk
+            offsets = positions[mine] - rows.start  # (rows of this batch in this chunk,)
+            before = int(filled.sum())
+            filled[offsets] = True
+            if int(filled.sum()) - before != len(offsets):
+                raise RuntimeError(
+                    f"Ray Data returned a row of chunk {chunk} twice; nothing of that chunk was written. Run again."
+                )
+            vectors[offsets] = batch["embedding"][mine]
+            if filled.all():
+                write_chunk(output_dir, chunk, run, vectors)
+                del pending[chunk]
+                left.discard(chunk)
+                bar.update(1)
+    if left:
         raise RuntimeError(
-            f"Ray Data returned {'fewer' if chunk is not None else 'more'} rows than the table has left to embed "
-            f"(chunks {todo}). Run again: finished chunks are kept."
-        )
-
-
-def _check_order(entities: EntityTable, chunk: int, rows: range, got: np.ndarray) -> None:
-    """Raise unless ``got`` are the ids of table rows ``rows``: a chunk is written only under the right ids."""
-    expected = entities.ids.slice(rows.start, len(rows)).to_pylist()
-    if got.tolist() != expected:
-        first = next(i for i, (a, b) in enumerate(zip(got.tolist(), expected, strict=True)) if a != b)
-        raise RuntimeError(
-            f"Ray Data returned the rows of chunk {chunk} out of table order (row {rows.start + first}: id "
-            f"{got[first]!r}, expected {expected[first]!r}); nothing of that chunk was written. Run again."
+            f"Ray Data returned fewer rows than the table has left to embed (chunks {sorted(left)} incomplete). Run "
+            "again: finished chunks are kept."
         )
 
 
