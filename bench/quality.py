@@ -363,8 +363,9 @@ def rank(dataset: str, scorer: Scorer, split: str, cache: Path, **options: Any) 
     """Per-question ranks of ``scorer`` on ``split`` (cached in ``cache``: a trained run never changes)."""
     if cache.is_file():
         return load_ranks(cache)
+    pooled = options.pop("pooled", True)  # XQuAD-R's cross-lingual index; ePQA has one language
     if dataset == "xquad_r":
-        ranks = rank_xquad(scorer, DATA, split=split, pooled=options.get("pooled", True))
+        ranks = rank_xquad(scorer, DATA, split=split, pooled=pooled)
     else:
         options = {"engaged_queries": True, "test_question_snippets": False} | options
         ranks = rank_epqa(scorer, DATA, dev_split=True, split=split, **options)
