@@ -181,6 +181,14 @@ XQUAD_GRID = {
         )
     },
 }
+# ePQA candidates (a run takes 2-5 minutes on 2 quiet cores): the config's budget, a smaller and a larger
+# learning rate, and twice the steps; the same grid for the SearchSage-style baseline.
+EPQA_GRID = {
+    "config": {},
+    "lr1e-5": {"train.learning_rate": 1e-5, "train.entity_learning_rate": 1.5e-5},
+    "lr5e-5": {"train.learning_rate": 5e-5, "train.entity_learning_rate": 7.5e-5},
+    "lr5e-5_s300": {"train.learning_rate": 5e-5, "train.entity_learning_rate": 7.5e-5, "train.max_steps": 300},
+}
 SYSTEMS: dict[str, dict[str, System]] = {
     "xquad_r": {
         "omnisearchsage": System("**OmniSearchSage** (multi-task, cross-lingual pairs)", grid=XQUAD_GRID),
@@ -214,10 +222,10 @@ SYSTEMS: dict[str, dict[str, System]] = {
         ),
     },
     "amazon_pqa": {
-        "omnisearchsage": System("**OmniSearchSage** (multi-task)", grid={"config": {}}),
+        "omnisearchsage": System("**OmniSearchSage** (multi-task)", grid=EPQA_GRID),
         "searchsage": System(
             "SearchSage-style (query tower vs. the pre-existing MiniLM embedding only)",
-            grid={"config": {}},
+            grid=EPQA_GRID,
             ablate=keep_tasks("query_product_compat"),
             compat="text_embedding",
         ),
