@@ -168,18 +168,20 @@ XQUAD_BUDGET = {"train.max_steps": 150, "train.learning_rate": 2e-5, "train.enti
 XQUAD_BUDGET |= {"train.eval_every": 1000, "train.save_every": 50}
 PARAGRAPH_NEGATIVES = {"num_hard_negatives": 4, "hard_negatives_group": "paragraph"}
 XQUAD_ALL = ("query_sentence", "query_sentence_crosslingual", "query_query", "query_sentence_e5")
+XQUAD_HARD_NEGATIVES = {
+    "data.tasks": tasks(
+        XQUAD_TASKS,
+        *XQUAD_ALL,
+        query_sentence=PARAGRAPH_NEGATIVES,
+        query_sentence_crosslingual=PARAGRAPH_NEGATIVES,
+        query_sentence_e5=PARAGRAPH_NEGATIVES,
+    )
+}
 XQUAD_GRID = {
     "lr2x_s150": XQUAD_BUDGET,
-    "hn4_lr2x_s150": XQUAD_BUDGET
-    | {
-        "data.tasks": tasks(
-            XQUAD_TASKS,
-            *XQUAD_ALL,
-            query_sentence=PARAGRAPH_NEGATIVES,
-            query_sentence_crosslingual=PARAGRAPH_NEGATIVES,
-            query_sentence_e5=PARAGRAPH_NEGATIVES,
-        )
-    },
+    "hn4_lr2x_s150": XQUAD_BUDGET | XQUAD_HARD_NEGATIVES,
+    # Every transformer block trained (the config freezes the first 8 of 12).
+    "hn4_unfrozen_lr2x_s150": XQUAD_BUDGET | XQUAD_HARD_NEGATIVES | {"model.freeze_backbone_layers": 0},
 }
 # ePQA candidates (a run takes 2-5 minutes on 2 quiet cores): the config's budget, a smaller and a larger
 # learning rate, and twice the steps; the same grid for the SearchSage-style baseline.
