@@ -248,7 +248,8 @@ def token_keys(kind: str, tokens: Sequence[str]) -> np.ndarray:
         count = np.bincount(token_of_mark, minlength=len(tokens))
         bad = (count != 1) | (middle == starts) | (middle == ends - 1)
         if bad.any():
-            raise ValueError(f"Every bigram must be two words joined by {BOUNDARY!r}, got {tokens[int(bad.argmax())]!r}.")
+            first_bad = tokens[int(bad.argmax())]
+            raise ValueError(f"Every bigram must be two words joined by {BOUNDARY!r}, got {first_bad!r}.")
         return _bigram_keys(span_keys(codepoints, starts, middle), span_keys(codepoints, middle + 1, ends))
     raise ValueError(f"Unknown n-gram kind {kind!r}; expected one of {KINDS}.")
 
