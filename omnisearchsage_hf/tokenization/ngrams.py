@@ -244,7 +244,7 @@ def token_keys(kind: str, tokens: Sequence[str]) -> np.ndarray:
         marks = np.flatnonzero(codepoints == ord(BOUNDARY))  # (num_marks,) positions in the joined text
         token_of_mark = np.searchsorted(ends, marks, side="right")  # (num_marks,) which token holds each mark
         middle = np.full(len(tokens), -1, dtype=np.int64)
-        middle[token_of_mark[::-1]] = marks[::-1]  # each token's first mark (the last write wins)
+        middle[token_of_mark] = marks  # the boundary of each token that has one (tokens with more are refused)
         count = np.bincount(token_of_mark, minlength=len(tokens))
         bad = (count != 1) | (middle == starts) | (middle == ends - 1)
         if bad.any():
